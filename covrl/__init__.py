@@ -1,0 +1,60 @@
+"""covrl: entropy control for reinforcement-learning post-training of language models, in JAX.
+
+The public surface is this module: every name in `__all__` is documented in README.md.
+"""
+
+from covrl import schedules
+from covrl.aggregation import LOSS_AGG_MODES, Aggregate, aggregate, denominator
+from covrl.covariance import masked_mean, token_covariance
+from covrl.losses import (
+    abs_zero_grad_at_zero,
+    clip_cov_loss,
+    entropy_bonus_loss,
+    kl_cov_loss,
+    policy_gradient_loss,
+    ppo_loss,
+)
+from covrl.selection import clip_cov_select, kl_cov_select, selection_count
+from covrl.softmax_entropy import (
+    entropy,
+    entropy_change,
+    entropy_change_first_order,
+    entropy_change_integral,
+    entropy_change_second_order,
+    entropy_grad,
+    policy_covariance,
+)
+from covrl.transforms import ControlState, clip_cov, entropy_bonus, kl_cov
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LOSS_AGG_MODES",
+    "Aggregate",
+    "ControlState",
+    "__version__",
+    "abs_zero_grad_at_zero",
+    "aggregate",
+    "clip_cov",
+    "clip_cov_loss",
+    "clip_cov_select",
+    "denominator",
+    "entropy",
+    "entropy_bonus",
+    "entropy_bonus_loss",
+    "entropy_change",
+    "entropy_change_first_order",
+    "entropy_change_integral",
+    "entropy_change_second_order",
+    "entropy_grad",
+    "kl_cov",
+    "kl_cov_loss",
+    "kl_cov_select",
+    "masked_mean",
+    "policy_covariance",
+    "policy_gradient_loss",
+    "ppo_loss",
+    "schedules",
+    "selection_count",
+    "token_covariance",
+]

@@ -1,0 +1,113 @@
+"""Input validation shared by the public functions.
+
+Two kinds of checks live here. Shape and dtype checks run at trace time, so a bad call fails
+before anything is compiled. Value checks (a ratio outside [0, 1], a mask that is not 0/1, a NaN)
+can only run on concrete values: they run when the value is a Python number or a concrete array
+and are skipped for tracers, where the losses report the same conditions through their metrics.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_concrete(x: Any) -> bool:
+  """True when `x` holds a value now (not a tracer inside jit, grad or vmap)."""
+  return not isinstance(x, jax.core.Tracer)
+
+
+def concrete_float(x: Any) -> float | None:
+  """`x` as a Python float when it is a concrete scalar, else None."""
+  if isinstance(x, numbers.Real):
+    return float(x)
+  if is_concrete(x) and hasattr(x, "shape") and np.ndim(x) == 0:
+    try:
+      return float(x)
+    except TypeError:  # pragma: no cover - abstract values without a concrete buffer
+      return None
+  return None
+
+
+def check_fraction(name: str, value: Any, *, allow_zero: bool = True) -> None:
+  """Raise ValueError unless `value` lies in [0, 1] (or (0, 1] without `allow_zero`)."""
+  v = concrete_float(value)
+  if v is None:
+    return
+  low_ok = v >= 0.0 if allow_zero else v > 0.0
+  if not (low_ok and v <= 1.0):
+    interval = "[0, 1]" if allow_zero else "(0, 1]"
+    raise ValueError(f"{name} must be a fraction in {interval}, got {v!r}.")
+
+
+def check_nonnegative(name: str, value: Any) -> None:
+  v = concrete_float(value)
+  if v is not None and not (v >= 0.0 and np.isfinite(v)):
+    raise ValueError(f"{name} must be finite and >= 0, got {v!r}.")
+
+
+def check_positive(name: str, value: Any) -> None:
+  v = concrete_float(value)
+  if v is not None and not (v > 0.0 and np.isfinite(v)):
+    raise ValueError(f"{name} must be finite and > 0, got {v!r}.")
+
+
+def check_float_array(name: str, x: Any) -> jax.Array:
+  """Return `x` as a jax array, raising TypeError unless it has a floating dtype."""
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} must have a floating dtype, got {x.dtype}.")
+  return x
+
+
+def check_same_shape(names: tuple[str, ...], arrays: tuple[Any, ...], rank: int | None = None):
+  """Raise ValueError unless all arrays share one shape (and, optionally, a rank)."""
+  shapes = [tuple(jnp.shape(a)) for a in arrays]
+  if rank is not None:
+    for n, s in zip(names, shapes):
+      if len(s) != rank:
+        raise ValueError(f"{n} must have rank {rank} ([batch, time]), got shape {s}.")
+  if any(s != shapes[0] for s in shapes):
+    listing = ", ".join(f"{n}{s}" for n, s in zip(names, shapes))
+    raise ValueError(f"shape mismatch: {listing}; all must be equal.")
+
+
+def as_mask(name: str, mask: Any) -> jax.Array:
+  """Return the mask as bool, raising for a non-0/1 concrete mask or a complex dtype."""
+  mask = jnp.asarray(mask)
+  if mask.dtype == jnp.bool_:
+    return mask
+  if not (jnp.issubdtype(mask.dtype, jnp.integer) or jnp.issubdtype(mask.dtype, jnp.floating)):
+    raise TypeError(f"{name} must be bool, integer or float, got {mask.dtype}.")
+  if is_concrete(mask):
+    values = np.asarray(mask)
+    if not np.all((values == 0) | (values == 1)):
+      bad = values[(values != 0) & (values != 1)].ravel()[:3]
+      raise ValueError(f"{name} must contain only 0 and 1, found values such as {bad.tolist()}.")
+  return mask != 0
+
+
+def check_finite_where(name: str, x: jax.Array, mask: jax.Array) -> None:
+  """Raise ValueError if a concrete `x` has a NaN or inf where `mask` is set."""
+  if is_concrete(x) and is_concrete(mask):
+    bad = np.asarray(mask) & ~np.isfinite(np.asarray(x, dtype=np.float64))
+    if bad.any():
+      where = tuple(int(i) for i in np.argwhere(bad)[0])
+      raise ValueError(
+          f"{name} has {int(bad.sum())} non-finite value(s) at valid positions "
+          f"(first at index {where}); mask them out or fix the input."
+      )
+
+
+def upcast(x: jax.Array) -> jax.Array:
+  """Promote to at least float32 (bfloat16 and float16 in, float32 math)."""
+  return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def result_dtype(*arrays: jax.Array) -> jnp.dtype:
+  """The float dtype math on these arrays runs in: their promotion, at least float32."""
+  return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)

@@ -1,0 +1,85 @@
+"""The pooled per-token covariance that Clip-Cov and KL-Cov rank tokens by.
+
+For a batch of sampled tokens i with log-probability log pi(y_i) and advantage A_i,
+
+  c_i = (log pi(y_i) - mean_j log pi(y_j)) * (A_i - mean_j A_j),
+
+with both means over the valid tokens of the batch (Cui et al. 2025, Eq. 10). It pools tokens from
+different states, so it is a proxy for the within-state covariance Cov_pi(log pi, A) of
+THEORY.md T1; `covrl.policy_covariance` computes the latter when the logits are known.
+
+This is a batch-wide statistic: pass the whole [batch, time] array with its mask. Under
+`shard_map`, pass `axis_name` and the means are taken over the global batch, so every device gets
+the c_i of its own tokens exactly as a single device would compute them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from covrl import _checks
+
+
+def masked_sum(x: jax.Array, mask: jax.Array, axis_name: str | None = None) -> jax.Array:
+  """Sum of x over mask (masked entries never reach the sum, NaN included)."""
+  total = jnp.sum(jnp.where(mask, x, 0))
+  return total if axis_name is None else lax.psum(total, axis_name)
+
+
+def masked_mean(x: jax.Array, mask: jax.Array, axis_name: str | None = None) -> jax.Array:
+  """Mean of x over mask; 0 for an empty mask (not NaN)."""
+  count = masked_sum(jnp.ones_like(x), mask, axis_name)
+  return masked_sum(x, mask, axis_name) / jnp.maximum(count, 1)
+
+
+def finite_tokens(response_mask: jax.Array, *arrays: jax.Array) -> jax.Array:
+  """Valid tokens whose inputs are all finite (the ones statistics and selection may use)."""
+  ok = response_mask
+  for a in arrays:
+    ok = ok & jnp.isfinite(a)
+  return ok
+
+
+def token_covariance(
+    log_prob: jax.Array,
+    advantages: jax.Array,
+    response_mask: jax.Array,
+    *,
+    axis_name: str | None = None,
+) -> jax.Array:
+  """Per-token centred product c_i of log-probabilities and advantages.
+
+  Args:
+    log_prob: [B, T] log pi(y_i) of the sampled tokens under the current policy.
+    advantages: [B, T] advantages A_i.
+    response_mask: [B, T] 0/1 or bool; 1 marks a valid response token.
+    axis_name: a `shard_map` axis over which the batch is split; the means are then global.
+
+  Returns:
+    [B, T] c_i, in float32 or wider; 0 at masked tokens and at tokens whose log_prob or advantage
+    is not finite (those are also left out of the means, so one NaN cannot poison the batch).
+
+  Example:
+    >>> import jax.numpy as jnp, covrl
+    >>> c = covrl.token_covariance(jnp.log(jnp.array([[.5, .25]])), jnp.array([[1., -1.]]),
+    ...                            jnp.ones((1, 2)))
+    >>> [round(float(v), 4) for v in c[0]]
+    [0.3466, 0.3466]
+  """
+  log_prob = _checks.check_float_array("log_prob", log_prob)
+  advantages = _checks.check_float_array("advantages", advantages)
+  _checks.check_same_shape(
+      ("log_prob", "advantages", "response_mask"), (log_prob, advantages, response_mask), rank=2
+  )
+  mask = _checks.as_mask("response_mask", response_mask)
+  dtype = _checks.result_dtype(log_prob, advantages)
+  log_prob, advantages = log_prob.astype(dtype), advantages.astype(dtype)
+  valid = finite_tokens(mask, log_prob, advantages)
+  # Safe values at invalid positions keep NaN out of both the values and the gradients.
+  log_prob = jnp.where(valid, log_prob, 0.0)
+  advantages = jnp.where(valid, advantages, 0.0)
+  centred_lp = log_prob - masked_mean(lax.stop_gradient(log_prob), valid, axis_name)
+  centred_adv = advantages - masked_mean(advantages, valid, axis_name)
+  return jnp.where(valid, centred_lp * centred_adv, 0.0)

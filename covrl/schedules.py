@@ -1,0 +1,155 @@
+"""Coefficient and step-size schedules, with the annealing conditions of THEORY.md T3.4.
+
+Any optax schedule (a callable `count -> value`) works wherever covrl takes a coefficient. The
+schedules here are also callables, and in addition they know whether they meet the conditions the
+asymptotic claims assume, so a bad combination fails before anything is compiled:
+
+  step sizes:   sum_t eta_t = inf  and  sum_t eta_t^2 < inf      (Robbins-Monro)
+  coefficient:  beta_t -> 0                                        (vanishing bias)
+  or stronger:  sum_t eta_t beta_t < inf                           (summable bias)
+
+For value(t) = v0 (1 + t / t0)^(-p): sum diverges iff p <= 1, square-summable iff p > 1/2,
+vanishes iff p > 0 (or v0 = 0), and sum_t eta_t beta_t < inf iff p_eta + p_beta > 1.
+
+References:
+  Robbins & Monro, A Stochastic Approximation Method, Ann. Math. Statist. 22 (1951).
+  Bertsekas & Tsitsiklis, Gradient Convergence in Gradient Methods with Errors, SIAM J. Optim.
+  10(3) (2000).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class PowerDecay:
+  """value(t) = init_value * (1 + t / offset) ** (-power); power 0 is a constant.
+
+  Attributes:
+    init_value: value at t = 0, finite and >= 0.
+    power: decay exponent p >= 0.
+    offset: time scale t0 > 0 of the decay.
+  """
+
+  init_value: float
+  power: float
+  offset: float = 1.0
+
+  def __post_init__(self):
+    if not (math.isfinite(self.init_value) and self.init_value >= 0):
+      raise ValueError(f"init_value must be finite and >= 0, got {self.init_value!r}.")
+    if not (math.isfinite(self.power) and self.power >= 0):
+      raise ValueError(f"power must be finite and >= 0, got {self.power!r}.")
+    if not (math.isfinite(self.offset) and self.offset > 0):
+      raise ValueError(f"offset must be finite and > 0, got {self.offset!r}.")
+
+  def __call__(self, count: jax.Array | int) -> jax.Array:
+    t = jnp.asarray(count, jnp.float32)
+    return self.init_value * (1.0 + t / self.offset) ** (-self.power)
+
+  @property
+  def vanishes(self) -> bool:
+    return self.power > 0 or self.init_value == 0
+
+  @property
+  def sum_diverges(self) -> bool:
+    return self.init_value > 0 and self.power <= 1
+
+  @property
+  def square_summable(self) -> bool:
+    return self.init_value == 0 or self.power > 0.5
+
+  @property
+  def max_value(self) -> float:
+    return float(self.init_value)
+
+
+def constant(value: float) -> PowerDecay:
+  """A constant schedule (power 0)."""
+  return PowerDecay(float(value), 0.0)
+
+
+def inverse_time(init_value: float, offset: float = 1.0) -> PowerDecay:
+  """value(t) = init_value / (1 + t / offset): a Robbins-Monro step size or a vanishing coef."""
+  return PowerDecay(float(init_value), 1.0, float(offset))
+
+
+def power_decay(init_value: float, power: float, offset: float = 1.0) -> PowerDecay:
+  """value(t) = init_value (1 + t / offset)^(-power)."""
+  return PowerDecay(float(init_value), float(power), float(offset))
+
+
+def robbins_monro(init_value: float, power: float = 1.0, offset: float = 1.0) -> PowerDecay:
+  """A step-size schedule with sum eta = inf and sum eta^2 < inf: power in (1/2, 1]."""
+  if not 0.5 < power <= 1.0:
+    raise ValueError(f"a Robbins-Monro step size needs power in (1/2, 1], got {power!r}.")
+  if init_value <= 0:
+    raise ValueError(f"a step size needs init_value > 0, got {init_value!r}.")
+  return PowerDecay(float(init_value), float(power), float(offset))
+
+
+def as_power_decay(schedule: Any) -> PowerDecay | None:
+  """A number as a constant PowerDecay, a PowerDecay as itself, anything else as None."""
+  if isinstance(schedule, PowerDecay):
+    return schedule
+  if isinstance(schedule, int | float):
+    return constant(float(schedule))
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class AnnealingReport:
+  """Which of the T3.4 conditions a (step size, coefficient) pair meets."""
+
+  step_sum_diverges: bool
+  step_square_summable: bool
+  coef_vanishes: bool
+  bias_summable: bool
+
+  @property
+  def ok(self) -> bool:
+    return self.step_sum_diverges and self.step_square_summable and self.coef_vanishes
+
+
+def annealing_report(step_size: Any, coef: Any) -> AnnealingReport:
+  """Check a step-size schedule and a coefficient schedule against THEORY.md T3.4.
+
+  Both must be numbers or covrl PowerDecay schedules (whose decay is known); an arbitrary
+  callable raises TypeError, since its limit cannot be read off.
+  """
+  eta, beta = as_power_decay(step_size), as_power_decay(coef)
+  for name, value, sched in (("step_size", step_size, eta), ("coef", coef, beta)):
+    if sched is None:
+      raise TypeError(
+          f"{name}={value!r}: only numbers and covrl.schedules.PowerDecay can be checked "
+          "against the annealing conditions."
+      )
+  bias_summable = beta.init_value == 0 or (eta.power + beta.power > 1)
+  return AnnealingReport(eta.sum_diverges, eta.square_summable, beta.vanishes, bias_summable)
+
+
+def check_annealing(step_size: Any, coef: Any) -> AnnealingReport:
+  """Raise ValueError, naming what fails, unless the pair meets the T3.4 conditions."""
+  report = annealing_report(step_size, coef)
+  problems = []
+  if not report.step_sum_diverges:
+    problems.append("step sizes must not be summable (sum eta_t = inf; power <= 1)")
+  if not report.step_square_summable:
+    problems.append("step sizes must be square-summable (sum eta_t^2 < inf; power > 1/2)")
+  if not report.coef_vanishes:
+    problems.append("the coefficient must anneal to 0 (power > 0)")
+  if problems:
+    raise ValueError(
+        f"schedules do not meet the annealing conditions of THEORY.md T3.4: "
+        f"{'; '.join(problems)} (step_size={step_size!r}, coef={coef!r})."
+    )
+  return report

@@ -1,0 +1,227 @@
+"""Which tokens Clip-Cov and KL-Cov act on: fixed shapes, masks, no host round trips.
+
+Both methods touch a data-dependent number of tokens, count = max(floor(ratio * N_valid),
+min_count). Under jit that number is traced, so the selection is a static bound K (the count for a
+batch with every token valid) plus a mask: `lax.top_k` returns K candidates and those of rank below
+the count are kept. `floor` follows Python's float semantics exactly (as in verl's
+`int(ratio * n)`), through a small table of the thresholds at which the count steps up.
+
+* KL-Cov keeps the `count` tokens with the largest c_i among valid tokens. Ties go to the lower
+  flat index in the global [batch, time] array (row-major), on any number of devices.
+* Clip-Cov keeps `count` tokens drawn uniformly without replacement from its candidates
+  (valid, eligible, lb < c_i < ub with strict inequalities). The draw gives every token a uniform
+  priority from `fold_in(key, global_row)` and keeps the top `count` candidates, so a key gives the
+  same tokens whether the batch sits on one device or many.
+
+Global mode (the default): selection over the whole batch. Pass the whole [B, T] array under jit
+(sharded or not), or, inside `shard_map`, the local shard with `axis_name`: each device ranks its
+own tokens, the per-device top-K lists are gathered (K values each, not the batch), and the final
+top-K is taken over them, which is exact because the global top-K is contained in the union of the
+local ones.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from covrl import _checks
+from covrl.covariance import finite_tokens, masked_sum
+
+# Above this many thresholds the exact table is replaced by float32 arithmetic.
+_MAX_TABLE = 1 << 20
+
+
+@functools.lru_cache(maxsize=256)
+def _count_table(ratio: float, capacity: int, min_count: int) -> tuple[int, np.ndarray]:
+  """Static bound K and thresholds: count(n) = min_count + #{j : n >= thresholds[j]}."""
+  k_max = min(max(int(ratio * capacity), min_count), capacity)
+  ks = np.arange(min_count + 1, k_max + 1, dtype=np.int64)
+  if ratio <= 0 or ks.size == 0:
+    return k_max, np.zeros((0,), np.int32)
+  # Smallest n with floor(ratio * n) >= k in float64 (what Python's int(ratio * n) gives);
+  # start from the real-number answer and correct the rounding either way.
+  n = np.ceil(ks / ratio).astype(np.int64)
+  for _ in range(4):
+    too_big = np.floor(ratio * (n - 1)) >= ks
+    too_small = np.floor(ratio * n) < ks
+    if not (too_big.any() or too_small.any()):
+      break
+    n = n - too_big + too_small
+  return k_max, n.astype(np.int32)
+
+
+def static_bound(ratio: float, capacity: int, min_count: int = 1) -> int:
+  """The most tokens a selection with this ratio can keep from `capacity` positions."""
+  return min(max(int(ratio * capacity), min_count), capacity)
+
+
+def selection_count(
+    ratio: float | jax.Array,
+    num_valid: jax.Array,
+    *,
+    capacity: int,
+    min_count: int = 1,
+    max_ratio: float | None = None,
+) -> tuple[jax.Array, int]:
+  """How many tokens to select: max(floor(ratio * num_valid), min_count), and its static bound.
+
+  Args:
+    ratio: fraction in [0, 1]; a Python float gives the exact count, a traced value (an annealed
+      ratio) is rounded in float32 and needs `max_ratio`.
+    num_valid: traced count of valid tokens.
+    capacity: static number of positions (B * T over the whole batch).
+    min_count: the floor; verl uses 1, 0 lets an annealed ratio switch the method off.
+    max_ratio: static upper bound on a traced ratio.
+
+  Returns:
+    (count, K): count as an int32 scalar, K as a Python int with count <= K.
+  """
+  if _checks.concrete_float(ratio) is not None:
+    ratio = _checks.concrete_float(ratio)
+    _checks.check_fraction("ratio", ratio)
+    k_max, table = _count_table(float(ratio), capacity, min_count)
+    if table.size <= _MAX_TABLE:
+      extra = jnp.searchsorted(jnp.asarray(table), num_valid, side="right")
+      count = min_count + extra.astype(jnp.int32)
+    else:
+      count = jnp.floor(float(ratio) * num_valid.astype(jnp.float32)).astype(jnp.int32)
+  else:
+    if max_ratio is None:
+      raise ValueError("a traced (scheduled) ratio needs a static max_ratio for the shape bound.")
+    _checks.check_fraction("max_ratio", max_ratio)
+    _checks.check_fraction("ratio", ratio)
+    k_max = static_bound(max_ratio, capacity, min_count)
+    count = jnp.floor(jnp.asarray(ratio, jnp.float32) * num_valid.astype(jnp.float32))
+    count = count.astype(jnp.int32)
+  count = jnp.clip(jnp.maximum(count, min_count), 0, k_max)
+  return count, k_max
+
+
+def _keep_top(
+    scores: jax.Array, candidates: jax.Array, count: jax.Array, k_max: int, axis_name
+) -> jax.Array:
+  """Boolean mask of the `count` highest-scoring candidates (ties: lower global flat index)."""
+  shape = scores.shape
+  flat = jnp.where(candidates, scores, -jnp.inf).reshape(-1)
+  size = flat.size
+  if k_max == 0 or size == 0:
+    return jnp.zeros(shape, bool)
+  values, index = lax.top_k(flat, min(k_max, size))
+  if axis_name is not None:
+    offset = lax.axis_index(axis_name) * size
+    all_values = lax.all_gather(values, axis_name).reshape(-1)
+    all_index = lax.all_gather(index + offset, axis_name).reshape(-1)
+    # Ties: the gathered list is device-major and each device's list is index-ordered on ties,
+    # so lax.top_k's lower-position rule is again the lower global index.
+    values, pos = lax.top_k(all_values, min(k_max, all_values.size))
+    index = all_index[pos] - offset
+  keep = (jnp.arange(values.shape[0]) < count) & (values > -jnp.inf)
+  keep = keep & (index >= 0) & (index < size)
+  target = jnp.where(keep, index, size)
+  return jnp.zeros((size,), bool).at[target].set(True, mode="drop").reshape(shape)
+
+
+def _capacity(shape: tuple[int, ...], axis_name) -> int:
+  size = int(np.prod(shape))
+  return size if axis_name is None else size * lax.axis_size(axis_name)
+
+
+def kl_cov_select(
+    cov: jax.Array,
+    response_mask: jax.Array,
+    *,
+    ratio: float | jax.Array,
+    min_count: int = 1,
+    max_ratio: float | None = None,
+    axis_name: str | None = None,
+) -> jax.Array:
+  """KL-Cov's tokens: the top max(floor(ratio * N_valid), min_count) valid tokens by c_i.
+
+  Batch-wide: pass the whole [B, T] array (or the local shard with `axis_name` in shard_map).
+
+  Args:
+    cov: [B, T] per-token covariance (`covrl.token_covariance`).
+    response_mask: [B, T] 0/1 or bool.
+    ratio: fraction of valid tokens, in [0, 1] (verl's kl_cov_ratio; 2e-4 by default there).
+    min_count: lower bound on the count (verl: 1).
+    max_ratio: static bound, needed only when `ratio` is traced.
+    axis_name: shard_map axis the batch is split over, for exact global selection.
+
+  Returns:
+    [B, T] bool mask of selected tokens. Non-finite c_i are never selected.
+  """
+  _checks.check_same_shape(("cov", "response_mask"), (cov, response_mask), rank=2)
+  mask = _checks.as_mask("response_mask", response_mask)
+  cov = lax.stop_gradient(_checks.upcast(_checks.check_float_array("cov", cov)))
+  valid = finite_tokens(mask, cov)
+  num_valid = masked_sum(jnp.ones((), jnp.int32), valid, axis_name)
+  count, k_max = selection_count(
+      ratio, num_valid, capacity=_capacity(cov.shape, axis_name), min_count=min_count,
+      max_ratio=max_ratio,
+  )
+  return _keep_top(cov, valid, count, k_max, axis_name)
+
+
+def row_priorities(key: jax.Array, shape: tuple[int, int], row_offset) -> jax.Array:
+  """Uniform [0, 1) priorities for rows row_offset .. row_offset + B - 1 of the global batch."""
+  rows = row_offset + jnp.arange(shape[0])
+  return jax.vmap(lambda r: jax.random.uniform(jax.random.fold_in(key, r), (shape[1],)))(rows)
+
+
+def clip_cov_select(
+    key: jax.Array,
+    cov: jax.Array,
+    response_mask: jax.Array,
+    *,
+    ratio: float | jax.Array,
+    lb: float,
+    ub: float,
+    eligible: jax.Array | None = None,
+    min_count: int = 1,
+    max_ratio: float | None = None,
+    axis_name: str | None = None,
+    row_offset: int | jax.Array = 0,
+) -> jax.Array:
+  """Clip-Cov's tokens: max(floor(ratio * N_valid), min_count) drawn at random from the band.
+
+  Candidates are valid, eligible tokens with lb < c_i < ub (strict). N_valid counts all valid
+  tokens, as in verl. The draw is uniform without replacement; when there are fewer candidates
+  than the count, all candidates are selected.
+
+  Args:
+    key: PRNG key for the draw.
+    cov: [B, T] per-token covariance.
+    response_mask: [B, T] 0/1 or bool.
+    ratio: fraction in [0, 1] (verl's clip_cov_ratio, 2e-4 by default).
+    lb, ub: the open band (verl: 1.0 and 5.0); lb < ub.
+    eligible: optional [B, T] bool; verl excludes tokens the PPO clip already clipped.
+    min_count, max_ratio, axis_name: as in `kl_cov_select`.
+    row_offset: index of this array's first row in the global batch (for micro-batches).
+
+  Returns:
+    [B, T] bool mask of selected tokens.
+  """
+  _checks.check_same_shape(("cov", "response_mask"), (cov, response_mask), rank=2)
+  lbv, ubv = _checks.concrete_float(lb), _checks.concrete_float(ub)
+  if lbv is not None and ubv is not None and not lbv < ubv:
+    raise ValueError(f"Clip-Cov needs lb < ub, got lb={lbv!r}, ub={ubv!r}.")
+  mask = _checks.as_mask("response_mask", response_mask)
+  cov = lax.stop_gradient(_checks.upcast(_checks.check_float_array("cov", cov)))
+  valid = finite_tokens(mask, cov)
+  candidates = valid & (cov > lb) & (cov < ub)
+  if eligible is not None:
+    candidates = candidates & jnp.asarray(eligible, bool)
+  num_valid = masked_sum(jnp.ones((), jnp.int32), valid, axis_name)
+  count, k_max = selection_count(
+      ratio, num_valid, capacity=_capacity(cov.shape, axis_name), min_count=min_count,
+      max_ratio=max_ratio,
+  )
+  if axis_name is not None:
+    row_offset = row_offset + lax.axis_index(axis_name) * cov.shape[0]
+  priorities = row_priorities(key, cov.shape, row_offset)
+  return _keep_top(priorities, candidates, count, k_max, axis_name)
