@@ -4,6 +4,7 @@ The public surface is this module: every name in `__all__` is documented in READ
 """
 
 from covrl import schedules
+from covrl.advantages import grpo_advantages
 from covrl.aggregation import LOSS_AGG_MODES, Aggregate, aggregate, denominator
 from covrl.covariance import masked_mean, token_covariance
 from covrl.losses import (
@@ -47,6 +48,7 @@ __all__ = [
     "entropy_change_integral",
     "entropy_change_second_order",
     "entropy_grad",
+    "grpo_advantages",
     "kl_cov",
     "kl_cov_loss",
     "kl_cov_select",
