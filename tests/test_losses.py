@@ -237,8 +237,8 @@ def test_padding_may_hold_anything():
   dirty = [x.copy() for x in (old, new, adv)]
   for x in dirty:
     x[mask == 0] = np.nan
-  clean_loss, clean_m = covrl.ppo_loss(old, new, adv, mask)
-  loss, m = covrl.ppo_loss(*dirty, mask)
+  clean_loss, _ = covrl.ppo_loss(old, new, adv, mask)
+  loss, _ = covrl.ppo_loss(*dirty, mask)
   np.testing.assert_allclose(loss, clean_loss, rtol=1e-12)
   g = jax.grad(lambda lp: covrl.kl_cov_loss(dirty[0], lp, dirty[2], mask)[0])(dirty[1])
   assert np.all(np.isfinite(np.asarray(g)))
@@ -357,7 +357,7 @@ def test_one_device_equals_eight_devices(name, mode):
   (loss1, m1), g1 = jax.jit(value_and_grad())(new)
   mesh = _mesh()
   sharding = NamedSharding(mesh, P("data"))
-  (loss8, m8), g8 = jax.jit(value_and_grad())(jax.device_put(new, sharding))
+  (loss8, _), g8 = jax.jit(value_and_grad())(jax.device_put(new, sharding))
   np.testing.assert_allclose(loss8, loss1, rtol=1e-6)
   np.testing.assert_allclose(g8, g1, rtol=1e-5, atol=1e-7)
 
