@@ -427,3 +427,24 @@ def test_entropy_metrics_and_predicted_change():
   np.testing.assert_allclose(
       m["predicted_entropy_change"],
       np.asarray(covrl.entropy_change_first_order(logits, dz))[valid].mean(), rtol=1e-12)
+
+
+def test_local_clip_cov_uses_per_micro_batch_means_like_verl():
+  """Hand-built: the two micro-batches have different means, so the band picks other tokens."""
+  new = np.log(np.array([[0.9, 0.5, 0.1, 0.05], [0.9, 0.8, 0.7, 0.6],
+                         [0.2, 0.1, 0.05, 0.01], [0.3, 0.2, 0.1, 0.02]]))
+  old = new.copy()
+  adv = np.array([[2.0, -1.0, 0.5, -2.0], [1.0, 1.0, -1.0, -1.0],
+                  [3.0, -3.0, 1.0, 0.0], [2.0, 1.0, -2.0, -1.0]])
+  mask = np.ones_like(new)
+  kw = dict(clip_cov_ratio=1.0, clip_cov_lb=0.3, clip_cov_ub=5.0)
+  _, m_local = covrl.clip_cov_loss(jax.random.key(0), old, new, adv, mask, selection="local",
+                                   micro_batch_size=2, **kw)
+  _, m_global = covrl.clip_cov_loss(jax.random.key(0), old, new, adv, mask, **kw)
+  per_group = np.concatenate([np_cov(new[r], adv[r], mask[r]) for r in (slice(0, 2),
+                                                                         slice(2, 4))])
+  whole = np_cov(new, adv, mask)
+  band = lambda c: ((c > 0.3) & (c < 5.0)).sum()  # on-policy: nothing is PPO-clipped
+  np.testing.assert_allclose(m_local["selected_frac"] * 16, band(per_group))
+  np.testing.assert_allclose(m_global["selected_frac"] * 16, band(whole))
+  assert band(per_group) != band(whole)

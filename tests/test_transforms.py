@@ -183,3 +183,23 @@ def test_check_annealing():
     schedules.robbins_monro(1.0, power=0.3)
   with pytest.raises(ValueError, match="power"):
     schedules.PowerDecay(1.0, -1.0)
+
+
+def test_covariance_transforms_under_inject_hyperparams():
+  """Shape-determining arguments stay static; the coefficient is injected and can change."""
+  z, actions, adv = samples(6)
+  old = z - 0.4
+  tx = optax.inject_hyperparams(covrl.kl_cov, static_args=("ratio", "min_count", "max_ratio"))(
+      kl_coef=1.0, ratio=0.1)
+  plain = covrl.kl_cov(kl_coef=0.25, ratio=0.1)
+  state = tx.init(z)
+  state.hyperparams["kl_coef"] = jnp.asarray(0.25)
+  kw = dict(actions=actions, advantages=adv, old_logits=old)
+  got, _ = jax.jit(lambda s: tx.update(jnp.zeros(5), s, z, **kw))(state)
+  want, _ = plain.update(jnp.zeros(5), plain.init(z), z, **kw)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  clip = optax.inject_hyperparams(covrl.clip_cov, static_args=("ratio", "min_count", "max_ratio",
+                                                                "lb", "ub"))(ratio=0.05)
+  up, _ = jax.jit(lambda s: clip.update(jnp.zeros(5), s, z, key=jax.random.key(0),
+                                        actions=actions, advantages=adv))(clip.init(z))
+  assert np.all(np.isfinite(np.asarray(up)))
