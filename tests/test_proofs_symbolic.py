@@ -13,7 +13,8 @@ The identities (proofs/ anchors):
   T1.4  d^2/dt^2 H(softmax(z + t dz)) at t = 0 equals -[Var_pi(dz) + Cov_pi(log pi, u^2)],
         u = dz - E_pi dz, i.e. the t^2 / 2 coefficient of the series is -[...] / 2
   T1.6  first-order entropy change of the bonus step dz = eta alpha grad H is eta alpha |grad H|^2
-  T2.1  grad_z J_alpha = pi * [(r - alpha log pi) - E_pi(r - alpha log pi)], zero at softmax(r/alpha)
+  T2.1  grad_z J_alpha = pi * [(r - alpha log pi) - E_pi(r - alpha log pi)],
+        zero at softmax(r / alpha)
   T2.3  r* - pi_alpha . r = sum_a Delta_a e^{-Delta_a/alpha} / sum_b e^{-Delta_b/alpha}
   T2.4  J_alpha(pi_alpha) - J_alpha(pi) = alpha KL(pi || pi_alpha)
   T2.5  regularised NPG: F^+ grad J_alpha = g - mean(g), the step is z <- (1 - eta alpha) z + eta r
@@ -181,7 +182,7 @@ def test_bias_closed_form(vocab):
 
 def _simplex_point(vocab):
   p = list(sp.symbols(f"p0:{vocab - 1}", positive=True))
-  return p + [1 - sum(p)], p
+  return [*p, 1 - sum(p)], p
 
 
 @pytest.mark.parametrize("vocab", VOCABS)
