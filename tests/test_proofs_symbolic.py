@@ -12,6 +12,7 @@ The identities (proofs/ anchors):
   T1.2  d/dt H(softmax(z + t dz)) at t = 0 equals -Cov_pi(log pi, dz)
   T1.4  d^2/dt^2 H(softmax(z + t dz)) at t = 0 equals -[Var_pi(dz) + Cov_pi(log pi, u^2)],
         u = dz - E_pi dz, i.e. the t^2 / 2 coefficient of the series is -[...] / 2
+  T1.4  (remainder) the third derivative, Lemma 3 of proofs/T1
   T1.6  first-order entropy change of the bonus step dz = eta alpha grad H is eta alpha |grad H|^2
   T2.1  grad_z J_alpha = pi * [(r - alpha log pi) - E_pi(r - alpha log pi)],
         zero at softmax(r / alpha)
@@ -19,9 +20,10 @@ The identities (proofs/ anchors):
   T2.4  J_alpha(pi_alpha) - J_alpha(pi) = alpha KL(pi || pi_alpha)
   T2.5  regularised NPG: F^+ grad J_alpha = g - mean(g), the step is z <- (1 - eta alpha) z + eta r
         up to a multiple of 1, and z_t = r/alpha + (1 - eta alpha)^t (z_0 - r/alpha)
-  T2.7  G = 2 group-normalised advantages with binary rewards: w_a = kappa (1 - p) or -kappa p
+  T2.7  G = 2, 3 group-normalised advantages, binary rewards: w_a = kappa (1 - p) or -kappa p
 """
 
+import itertools
 import random
 
 import pytest
@@ -127,6 +129,25 @@ def test_second_order_term(vocab):
   symbols = (*sm.q, *d)
   assert numerically_nonzero(second + sm.cov(d, d) - sm.cov(sm.log_pi, u_sq), symbols, seed=2)
   assert numerically_nonzero(second + sm.cov(d, d), symbols, seed=3)
+
+
+@pytest.mark.parametrize("vocab", (2,))
+def test_third_derivative(vocab):
+  """Lemma 3 of proofs/T1 (bounds the T1.4 remainder): the third derivative along a line.
+
+  V = 2 only: the exact V = 3 check passes too but takes ~15 s on one core.
+  """
+  sm = Softmax(vocab)
+  d, t, h_t = _entropy_along_line(sm)
+  third = sp.diff(h_t, t, 3).subs(t, 0)
+  u = [da - sm.expect(d) for da in d]
+  cube = sm.expect([ua**3 for ua in u])
+  claimed = (-(2 + sm.entropy()) * cube
+             - sm.expect([ua**3 * lp for ua, lp in zip(u, sm.log_pi)])
+             + 3 * sm.expect([ua**2 for ua in u]) * sm.expect([ua * lp for ua, lp in
+                                                                zip(u, sm.log_pi)]))
+  assert is_zero(third - claimed)
+  assert numerically_nonzero(third - claimed - cube, (*sm.q, *d), seed=12)
 
 
 @pytest.mark.parametrize("vocab", VOCABS)
@@ -252,23 +273,34 @@ def test_regularised_npg_closed_form():
   assert numerically_nonzero(wrong.subs(t, 3), (eta, alpha, r, z0), seed=11)
 
 
-def test_grpo_two_samples_binary_rewards():
-  """T2.7 worked example: G = 2, rewards 1 (action 0) and 0 (actions 1, 2), verl's eps."""
+@pytest.mark.parametrize("group", (2, 3))
+def test_grpo_binary_rewards(group):
+  """T2.7 worked examples: G = 2, 3; reward 1 for action 0, 0 for actions 1, 2; verl's eps.
+
+  w_a = E[A_1 | a_1 = a] by exact enumeration of all 3^G groups; the claim is
+  w_a = kappa_G (1 - p) for the rewarded action and -kappa_G p for the others, with
+  kappa_2 = 1 / (sqrt(2) + 2 eps) and kappa_3 = 2 / (sqrt(3) + 3 eps), p = pi_0.
+  """
   p0, p1 = sp.symbols("p0 p1", positive=True)
   eps = sp.Symbol("epsilon", positive=True)
   pi = [p0, p1, 1 - p0 - p1]
   reward = [1, 0, 0]
 
-  def advantage_first(r1, r2):
-    # (r1 - mean) / (std + eps), std with Bessel's correction: |r1 - r2| / sqrt(2) for G = 2.
-    return sp.Rational(1, 2) * (r1 - r2) / (sp.Abs(r1 - r2) / sp.sqrt(2) + eps)
+  def advantage_first(rewards):
+    # (r_1 - mean) / (std + eps), std with Bessel's correction; 0 when all rewards are equal.
+    mean = sp.Rational(sum(rewards), group)
+    std = sp.sqrt(sum((x - mean) ** 2 for x in rewards) / (group - 1))
+    return (rewards[0] - mean) / (std + eps)
 
-  w = [sum(pi[b] * advantage_first(reward[a], reward[b]) for b in range(3)) for a in range(3)]
-  kappa = 1 / (sp.sqrt(2) + 2 * eps)
-  success = p0
-  assert sp.simplify(w[0] - kappa * (1 - success)) == 0
-  assert sp.simplify(w[1] + kappa * success) == 0
-  assert sp.simplify(w[2] + kappa * success) == 0
+  w = [0, 0, 0]
+  for actions in itertools.product(range(3), repeat=group):
+    prob = sp.Mul(*[pi[a] for a in actions])
+    w[actions[0]] += prob * advantage_first([reward[a] for a in actions])
+  w = [sp.simplify(wa / pa) for wa, pa in zip(w, pi)]
+  kappa = {2: 1 / (sp.sqrt(2) + 2 * eps), 3: 2 / (sp.sqrt(3) + 3 * eps)}[group]
+  assert sp.simplify(w[0] - kappa * (1 - p0)) == 0
+  assert sp.simplify(w[1] + kappa * p0) == 0
+  assert sp.simplify(w[2] + kappa * p0) == 0
   assert sp.simplify(sum(pa * wa for pa, wa in zip(pi, w))) == 0  # sum_a pi_a w_a = 0
-  # Mutant: without the eps term the scale would be 1/sqrt(2); with eps it is not.
-  assert sp.simplify(w[0] - (1 - success) / sp.sqrt(2)) != 0
+  # Mutant: dropping eps (kappa = 1/sqrt(2) or 2/sqrt(3)) must not pass.
+  assert sp.simplify(w[0] - kappa.subs(eps, 0) * (1 - p0)) != 0
