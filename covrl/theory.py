@@ -45,6 +45,15 @@ def _rewards(r) -> jax.Array:
 
 def _alpha(alpha) -> None:
   _checks.check_positive("alpha", alpha)
+  a = jnp.asarray(alpha)
+  if _checks.is_concrete(a) and a.ndim and not np.all(np.asarray(a) > 0):
+    raise ValueError("alpha must be > 0.")
+
+
+def _per_row(alpha) -> jax.Array:
+  """alpha as a scalar or [...] (one per leading index), shaped to broadcast over actions."""
+  a = jnp.asarray(alpha)
+  return a[..., None] if a.ndim else a
 
 
 def soft_optimal_policy(r: jax.Array, alpha: float | jax.Array) -> jax.Array:
@@ -52,14 +61,14 @@ def soft_optimal_policy(r: jax.Array, alpha: float | jax.Array) -> jax.Array:
 
   Args:
     r: [..., K] mean rewards.
-    alpha: bonus coefficient > 0.
+    alpha: bonus coefficient > 0, a scalar or [...] (one per leading index).
 
   Returns:
     [..., K] policy pi_alpha.
   """
   r = _rewards(r)
   _alpha(alpha)
-  return jax.nn.softmax(r / alpha, axis=-1)
+  return jax.nn.softmax(r / _per_row(alpha), axis=-1)
 
 
 def soft_objective(pi: jax.Array, r: jax.Array, alpha: float | jax.Array) -> jax.Array:
@@ -76,10 +85,16 @@ def kl_divergence(p: jax.Array, q: jax.Array) -> jax.Array:
   return jnp.sum(jnp.where(p > 0, p * (jnp.log(safe) - jnp.log(q)), 0.0), axis=-1)
 
 
+def optimality_gap(pi: jax.Array, r: jax.Array) -> jax.Array:
+  """r* - pi . r, computed as sum_a pi_a Delta_a (no cancellation when the gap is tiny)."""
+  r = _rewards(r)
+  gaps = jnp.max(r, axis=-1, keepdims=True) - r
+  return jnp.sum(jnp.asarray(pi, r.dtype) * gaps, axis=-1)
+
+
 def entropy_bias(r: jax.Array, alpha: float | jax.Array) -> jax.Array:
   """The bonus's optimality gap at its fixed point, r* - softmax(r / alpha) . r (T2.3)."""
-  r = _rewards(r)
-  return jnp.max(r, axis=-1) - jnp.sum(soft_optimal_policy(r, alpha) * r, axis=-1)
+  return optimality_gap(soft_optimal_policy(r, alpha), r)
 
 
 def bias_bounds(r: jax.Array, alpha: float | jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -95,7 +110,7 @@ def bias_bounds(r: jax.Array, alpha: float | jax.Array) -> tuple[jax.Array, jax.
   _alpha(alpha)
   gaps = jnp.max(r, axis=-1, keepdims=True) - r
   return (alpha * math.log(r.shape[-1]) * jnp.ones(r.shape[:-1], r.dtype),
-          jnp.sum(gaps * jnp.exp(-gaps / alpha), axis=-1))
+          jnp.sum(gaps * jnp.exp(-gaps / _per_row(alpha)), axis=-1))
 
 
 def kl_identity(pi: jax.Array, r: jax.Array, alpha: float | jax.Array) -> tuple[jax.Array, ...]:
@@ -116,7 +131,7 @@ def stationarity_residual(pi: jax.Array, r: jax.Array, alpha: float | jax.Array)
   pi = jnp.asarray(pi, r.dtype)
   adv = r - jnp.sum(pi * r, axis=-1, keepdims=True)
   logp = jnp.log(pi)
-  return adv - alpha * (logp + entropy(logp)[..., None])
+  return adv - _per_row(alpha) * (logp + entropy(logp)[..., None])
 
 
 def mei_gap_bound(t: jax.Array | int, c: float | jax.Array) -> jax.Array:
@@ -230,12 +245,7 @@ def grpo_expected_advantages(
     [K] w(pi).
   """
   r = _rewards(r)
-  if r.ndim != 1:
-    raise ValueError(f"r must be [K] (vmap over states), got shape {r.shape}.")
-  if not isinstance(group_size, int) or group_size < 2:
-    raise ValueError(f"group_size must be an int >= 2, got {group_size!r}.")
-  if noise not in ("deterministic", "bernoulli"):
-    raise ValueError(f"noise must be 'deterministic' or 'bernoulli', got {noise!r}.")
+  _check_group(r, group_size, noise)
   pi = jnp.asarray(pi, r.dtype)
   if noise == "bernoulli":
     return _grpo_bernoulli(pi, r, group_size, eps, normalize_std)
@@ -254,6 +264,18 @@ def grpo_expected_advantages(
   )  # [K, M, G]: the first sample takes action a
   first = grpo_advantages(groups, eps=eps, normalize_std=normalize_std)[..., 0]
   return first @ prob
+
+
+def _check_group(r: jax.Array, group_size: int, noise: str) -> None:
+  if r.ndim != 1:
+    raise ValueError(f"r must be [K] (vmap over states), got shape {r.shape}.")
+  if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+    raise ValueError(f"group_size must be an int >= 2, got {group_size!r}.")
+  if noise not in ("deterministic", "bernoulli"):
+    raise ValueError(f"noise must be 'deterministic' or 'bernoulli', got {noise!r}.")
+  if noise == "bernoulli" and _checks.is_concrete(r) and not np.all(
+      (np.asarray(r) >= 0) & (np.asarray(r) <= 1)):
+    raise ValueError("Bernoulli rewards need success probabilities in [0, 1].")
 
 
 def _grpo_bernoulli(pi, p, group_size, eps, normalize_std):
@@ -287,7 +309,9 @@ def grpo_fixed_point(
 ) -> tuple[jax.Array, jax.Array]:
   """Solve pi = softmax(w(pi) / alpha), the entropy bonus's fixed point under GRPO advantages.
 
-  Damped iteration in logit space, z <- (1 - d) z + d w(softmax(z)) / alpha, from z = r / alpha.
+  Damped iteration in logit space, z <- (1 - d) z + d w(softmax(z)) / alpha, from z = r / alpha,
+  then Newton steps on F(z) = z - w(softmax(z)) / alpha (F(z + c) = F(z) + c, so its Jacobian
+  is invertible and Newton is well defined modulo nothing).
 
   Args:
     r: [K] mean rewards.
@@ -304,11 +328,80 @@ def grpo_fixed_point(
   _alpha(alpha)
   if not 0 < damping <= 1:
     raise ValueError(f"damping must lie in (0, 1], got {damping!r}.")
+  _check_group(r, group_size, noise)
+  _checks.check_nonnegative("eps", eps)
+  return _solve_grpo_fixed_point(r, jnp.asarray(alpha, r.dtype), jnp.asarray(eps, r.dtype),
+                                 jnp.asarray(damping, r.dtype), group_size, noise, normalize_std,
+                                 num_iters)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def _solve_grpo_fixed_point(r, alpha, eps, damping, group_size, noise, normalize_std,
+                            num_iters):
   w_of = lambda z: grpo_expected_advantages(jax.nn.softmax(z), r, group_size, noise=noise,
                                             eps=eps, normalize_std=normalize_std)
   z = lax.fori_loop(0, num_iters, lambda _, z: (1 - damping) * z + damping * w_of(z) / alpha,
                     r / alpha)
+  residual_fn = lambda z: z - w_of(z) / alpha
+
+  def newton(_, z):
+    step = jnp.linalg.solve(jax.jacfwd(residual_fn)(z), residual_fn(z))
+    return jnp.where(jnp.all(jnp.isfinite(step)), z - step, z)
+
+  z = lax.fori_loop(0, 20, newton, z)
   pi = jax.nn.softmax(z)
   logp = jax.nn.log_softmax(z)
   residual = jnp.max(jnp.abs(w_of(z) - alpha * (logp + entropy(z))))
   return pi, residual
+
+
+def _mdp(transitions, rewards):
+  p = _checks.upcast(_checks.check_float_array("transitions", transitions))
+  r = _rewards(rewards)
+  if p.ndim != 3 or p.shape[:2] != r.shape or p.shape[2] != p.shape[0]:
+    raise ValueError(f"transitions must be [S, K, S] for rewards [S, K], got {p.shape} and "
+                     f"{r.shape}.")
+  return p, r.astype(p.dtype)
+
+
+def soft_policy_value(logits, transitions, rewards, gamma: float, alpha: float) -> jax.Array:
+  """Entropy-regularised value V^pi(s) = E[sum_t gamma^t (r_t + alpha H(pi(.|s_t))) | s_0 = s].
+
+  Solves V = r_pi + alpha H_pi + gamma P_pi V exactly (a linear system), so it is differentiable
+  in the logits: its gradient is the exact policy gradient of the regularised MDP.
+
+  Args:
+    logits: [S, K] policy logits.
+    transitions: [S, K, S] P(s' | s, a).
+    rewards: [S, K] mean rewards.
+    gamma: discount in [0, 1).
+    alpha: bonus coefficient >= 0.
+
+  Returns:
+    [S] values.
+  """
+  p, r = _mdp(transitions, rewards)
+  pi = jax.nn.softmax(logits, axis=-1)
+  r_pi = jnp.sum(pi * r, -1) + alpha * entropy(logits)
+  p_pi = jnp.einsum("sa,sat->st", pi, p)
+  return jnp.linalg.solve(jnp.eye(r.shape[0], dtype=p.dtype) - gamma * p_pi, r_pi)
+
+
+def soft_q_values(transitions, rewards, gamma: float, alpha: float, num_iters: int = 2000):
+  """Optimal soft Q-values by soft value iteration, Q = r + gamma P (alpha logsumexp(Q / alpha)).
+
+  The soft-optimal policy softmax(Q / alpha) is the fixed point of the entropy bonus in an MDP
+  (THEORY.md T2.6); value iteration contracts at rate gamma, so `num_iters` sets the accuracy
+  gamma^num_iters.
+
+  Returns:
+    [S, K] soft Q-values.
+  """
+  p, r = _mdp(transitions, rewards)
+  _alpha(alpha)
+
+  def body(_, q):
+    v = alpha * jax.nn.logsumexp(q / alpha, axis=-1)
+    return r + gamma * jnp.einsum("sat,t->sa", p, v)
+
+  return lax.fori_loop(0, num_iters, body, r)
