@@ -41,6 +41,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
@@ -506,10 +507,14 @@ def _sampled_step(config: TabularConfig) -> Callable:
   return step
 
 
-def _parts(config: TabularConfig) -> _Parts:
+def _check_dtype(config: TabularConfig) -> None:
   if config.dtype == "float64" and not jax.config.jax_enable_x64:
     raise ValueError("dtype='float64' needs 64-bit JAX: build and run inside "
                      "`with jax.enable_x64(True):`.")
+
+
+def _parts(config: TabularConfig) -> _Parts:
+  _check_dtype(config)
   step = _sampled_step(config) if config.dynamics == "sampled" else _exact_step(config)
   every = config.record_every
 
@@ -582,6 +587,21 @@ def _chunk_records(num_records: int, target: int) -> int:
   return best
 
 
+@functools.lru_cache(maxsize=64)
+def _batched(config: TabularConfig, per_chunk: int):
+  """Jitted, vmapped (start, advance-one-chunk) of a config, cached: a config compiles once per
+  process however many times it is run (configs are frozen and hashable; the initial logits, step
+  size and coefficient that vary between runs are traced Hyperparams)."""
+  parts = _parts(config)
+
+  def start(key, hyper):
+    state = parts.init(key, hyper)
+    return state, _initial_record(config, state)
+
+  return (jax.jit(jax.vmap(start)),
+          jax.jit(jax.vmap(lambda state: parts.advance(state, per_chunk))))
+
+
 def run(
     config: TabularConfig,
     keys: jax.Array,
@@ -609,26 +629,23 @@ def run(
   Returns:
     TrainResult with a leading axis of length n.
   """
+  _check_dtype(config)
   n = keys.shape[0]
-  if hyper is not None:
-    for name, value in zip(Hyperparams._fields, hyper):
-      if jnp.shape(value)[:1] != (n,):
-        raise ValueError(f"hyper.{name} needs a leading axis of length {n}, got "
-                         f"{jnp.shape(value)}.")
-  parts = _parts(config)
-  in_axes = (0, None if hyper is None else 0)
+  if hyper is None:
+    hyper = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), config.hyperparams())
+  for name, value in zip(Hyperparams._fields, hyper):
+    if jnp.shape(value)[:1] != (n,):
+      raise ValueError(f"hyper.{name} needs a leading axis of length {n}, got "
+                       f"{jnp.shape(value)}.")
   if mesh is not None:
     size = mesh.shape["data"]
     if n % size:
       raise ValueError(f"the batch of {n} runs must divide evenly over {size} devices.")
     shard = NamedSharding(mesh, P("data"))
-    keys = jax.device_put(keys, shard)
-    if hyper is not None:
-      hyper = jax.device_put(hyper, shard)
-  state = jax.jit(jax.vmap(parts.init, in_axes=in_axes))(keys, hyper)
-  first = jax.jit(jax.vmap(lambda s: _initial_record(config, s)))(state)
+    keys, hyper = jax.device_put((keys, hyper), shard)
   per_chunk = _chunk_records(config.num_records, -(-config.num_records // max(num_chunks, 1)))
-  advance = jax.jit(jax.vmap(lambda s: parts.advance(s, per_chunk)))
+  start, advance = _batched(config, per_chunk)
+  state, first = start(keys, hyper)
   label = progress if isinstance(progress, str) else f"{config.dynamics}/{config.control}"
   bar = Progress(config.num_steps, label) if progress else None
   chunks = []
