@@ -300,7 +300,8 @@ def check_special_cases(size: str, key: jax.Array) -> Measurement:
   slopes, residuals = {}, {}
   for name, dz in formulas.items():
     dz = jnp.asarray(dz)
-    res = np.abs(np.asarray(covrl.entropy_change(z0, dz) - covrl.entropy_change_first_order(z0, dz)))
+    res = np.abs(np.asarray(covrl.entropy_change(z0, dz)
+                            - covrl.entropy_change_first_order(z0, dz)))
     slopes[name] = float(np.median(np.polyfit(np.log(etas), np.log(res), 1)[0]))
     residuals[name] = res.mean(1)
   first = np.asarray(covrl.entropy_change_first_order(z0, jnp.asarray(formulas["bonus"])))
@@ -334,14 +335,14 @@ def check_special_cases(size: str, key: jax.Array) -> Measurement:
 @jax.jit
 def _pooled(log_prob: jax.Array, adv: jax.Array) -> jax.Array:
   """covrl.token_covariance of each batch (a row of n one-token responses), [B, n]."""
-  mask = jnp.ones(log_prob.shape[1:] + (1,), bool)
+  mask = jnp.ones((*log_prob.shape[1:], 1), bool)
   return jax.vmap(lambda a, b: covrl.token_covariance(a[:, None], b[:, None], mask))(
       log_prob, adv)[..., 0]
 
 
 @functools.partial(jax.jit, static_argnums=1)
 def _kl_cov_top(c: jax.Array, ratio: float) -> jax.Array:
-  mask = jnp.ones(c.shape[1:] + (1,), bool)
+  mask = jnp.ones((*c.shape[1:], 1), bool)
   return jax.vmap(lambda x: covrl.kl_cov_select(x[:, None], mask, ratio=ratio)[:, 0])(c)
 
 
@@ -356,7 +357,8 @@ def _plot_pooled(m: Measurement, fig) -> None:
   ax.bar(x, predicted, 0.25, label="predicted: (N-1)/N (within + between)")
   ax.bar(x + 0.25, within, 0.25, label="within-state average")
   ax.set_xticks(x, names)
-  ax.legend(fontsize=8)
+  ax.set_ylabel("covariance")
+  ax.legend(fontsize=7, loc="lower right")
 
 
 @register("T1.8", "The pooled batch estimator (Cui et al. Eq. 10) against the within-state "

@@ -38,7 +38,7 @@ def _steps_for(r, alpha, eta, inits=None, accuracy=1e-14, cap=400_000) -> int:
     logp = np.asarray(jax.nn.log_softmax(jnp.asarray(inits), axis=-1))
     p0 = float(np.exp(logp.min()))
     steps += 3.0 / (eta * alpha * p0 * max(-math.log(p0), 1.0))
-  steps = min(cap, int(math.ceil(steps)))
+  steps = min(cap, math.ceil(steps))
   return int(math.ceil(steps / 100) * 100)
 
 

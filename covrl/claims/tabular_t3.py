@@ -236,7 +236,7 @@ def _at_optimum(key: jax.Array, noise: str) -> dict:
       "kl_cov": lambda z: covrl.kl_cov_loss(lp, gather(z), a, mask, kl_coef=1.0),
   }
   for name, fn in losses.items():
-    grad = jax.grad(lambda z: fn(z)[0])(logits)
+    grad = jax.grad(lambda z, fn=fn: fn(z)[0])(logits)
     out[f"{name}_max_abs_grad"] = jnp.max(jnp.abs(grad))
     out[f"{name}_selected_frac"] = fn(logits)[1]["selected_frac"]
   return out
