@@ -182,6 +182,10 @@ class TabularConfig:
       sch.check_annealing(self.step_size, self.ratio if self.control == "clip_cov" else self.coef)
 
   def _check_sampling(self):
+    if self.dynamics == "grpo_exact" and self.group_size < 2:
+      raise ValueError("group-normalised advantages need group_size >= 2.")
+    if self.dynamics != "sampled":
+      return
     if self.num_samples % self.group_size:
       raise ValueError(f"group_size={self.group_size} must divide num_samples="
                        f"{self.num_samples}.")
@@ -314,7 +318,10 @@ def hyperparams(config: TabularConfig, **grid: Any) -> Hyperparams:
         dataclasses.replace(config, init_logits=np.asarray(v))
       else:
         old = getattr(config, name)
-        dataclasses.replace(config, **{name: dataclasses.replace(old, init_value=float(v))})
+        try:
+          dataclasses.replace(config, **{name: dataclasses.replace(old, init_value=float(v))})
+        except ValueError as e:
+          raise ValueError(f"{name}={v!r} in the sweep: {e}") from e
     columns[name] = jnp.asarray(np.asarray(values, np.float64), config.jnp_dtype)
     if name == "init_logits":
       columns[name] = columns[name].reshape(n, *config.shape)
