@@ -55,7 +55,7 @@ class Bandit:
 
   Example:
     >>> import covrl
-    >>> b = covrl.Bandit((1.0, 0.9, 0.1))
+    >>> b = covrl.bandits.Bandit((1.0, 0.9, 0.1))
     >>> b.num_states, b.num_actions, b.optimal_value
     (1, 3, 1.0)
   """

@@ -25,9 +25,9 @@ coefficient's initial value, and the initial logits, form `Hyperparams`, which `
 arrays: vmap it over seeds and hyperparameter grids, and `run` shards such a batch over devices.
 
 Example:
-  >>> import jax, covrl
-  >>> from covrl import tabular
-  >>> cfg = tabular.TabularConfig(covrl.Bandit((1.0, 0.5, 0.0)), control="entropy", coef=0.5,
+  >>> import jax
+  >>> from covrl import bandits, tabular
+  >>> cfg = tabular.TabularConfig(bandits.Bandit((1.0, 0.5, 0.0)), control="entropy", coef=0.5,
   ...                             step_size=1.0, num_steps=2000, record_every=500)
   >>> result = jax.jit(tabular.make_train(cfg))(jax.random.key(0))
   >>> result.gap.shape
@@ -133,7 +133,8 @@ class TabularConfig:
 
   def __post_init__(self):
     if not isinstance(self.bandit, bd.Bandit):
-      raise TypeError(f"bandit must be a covrl.Bandit, got {type(self.bandit).__name__}.")
+      raise TypeError(f"bandit must be a covrl.bandits.Bandit, got "
+                      f"{type(self.bandit).__name__}.")
     for name, value, allowed in (("dynamics", self.dynamics, DYNAMICS),
                                  ("control", self.control, CONTROLS),
                                  ("advantage", self.advantage, ADVANTAGES),

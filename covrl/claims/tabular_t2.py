@@ -410,8 +410,8 @@ def _plot_contextual(m: Measurement, fig) -> None:
 @u.float64
 def check_contextual(size: str, key: jax.Array) -> Measurement:
   seed = u.seed_of(key)
-  num_states, k, alpha = u.pick(size, (3, 3, 0.5), (6, 4, 0.5), (12, 5, 0.5))
-  num_starts = u.pick(size, 8, 32, 128)
+  num_states, k, alpha = u.pick(size, (3, 3, 0.5), (6, 4, 0.5), (10, 5, 0.5))
+  num_starts = u.pick(size, 8, 32, 64)
   means = bandits.random_bandit(seed, k, num_states).means
   skew = np.random.default_rng(seed + 1).dirichlet(np.full(num_states, 2.0))
   skew = tuple(float(x) for x in skew / skew.sum())
@@ -548,7 +548,8 @@ def check_grpo_fixed_point(size: str, key: jax.Array) -> Measurement:
         step_size=schedules.robbins_monro(0.5, 0.7, 100.0), num_samples=64, group_size=group,
         clip_ratio=None, num_steps=u.pick(size, None, 2000, 10_000), record_every=100)
     seeds = u.pick(size, None, 16, 64)
-    res = tabular.run(config, jax.random.split(key, seeds))
+    res = tabular.run(config, jax.random.split(key, seeds),
+                      progress="  sampled GRPO" if size == "full" else False)
     mean_pi = np.asarray(res.policy[:, -1, 0]).mean(0)
     tv_sampled = _tv(mean_pi, points[noise, group])
     tv_sampled_naive = _tv(mean_pi, plot["softmax_r_over_alpha"])

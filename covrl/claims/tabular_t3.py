@@ -353,7 +353,8 @@ def _annealing(size: str, key: jax.Array, names: list[str], init=None) -> dict:
       config = tabular.TabularConfig(bandit, **{**base, **methods[name]})
       hyper = None if init is None else tabular.hyperparams(
           config, init_logits=[np.asarray([init])] * seeds)
-      res = tabular.run(config, jax.random.split(key, seeds), hyper)
+      res = tabular.run(config, jax.random.split(key, seeds), hyper,
+                        progress=f"  {name}" if size == "full" else False)
       _ANNEALING[cache_key] = {k: np.asarray(v) for k, v in res._asdict().items()}
     out[name] = _ANNEALING[cache_key]
   return out
@@ -400,6 +401,10 @@ def check_annealed_covariance(size: str, key: jax.Array) -> Measurement:
                       "selected_frac": float(runs[name]["selected_frac"][:, 1:].mean())}
     if name != "none":
       ok &= high < 0 and gap[-1] < gap[10]
+  if "none" in runs:
+    base = runs["none"]["gap"].mean(0)[-1]
+    for name in names:
+      measured[name]["final_gap_over_no_control"] = measured[name]["final_gap"] / base
   passed = bool(ok)
   parts = ", ".join(f"{n}: gap {measured[n]['final_gap']:.2g}, slope "
                     f"{measured[n]['rate_loglog_slope']:.2f}" for n in names)
@@ -414,8 +419,9 @@ def check_annealed_covariance(size: str, key: jax.Array) -> Measurement:
       notes="Sufficient conditions we prove (proofs/T3): Robbins-Monro steps and a vanishing "
             "coefficient (covrl.schedules.check_annealing). In a bandit the unregularised "
             "dynamics converge too, so the check shows that annealed covariance control does "
-            "not stop convergence; Clip-Cov's annealed ratio selects floor(r_t N) = 0 tokens "
-            "once r_t N < 1 (min_count = 0), after which it is off.",
+            "not stop convergence (here its gap stays within a few percent of no control's: "
+            "touching one token in 32 barely moves a bandit); Clip-Cov's annealed ratio selects "
+            "floor(r_t N) = 0 tokens once r_t N < 1 (min_count = 0), after which it is off.",
   )
 
 
