@@ -171,8 +171,16 @@ def test_check_annealing():
   report = schedules.check_annealing(eta, schedules.inverse_time(1.0))
   assert report.ok and report.bias_summable  # 0.75 + 1 > 1
   assert not schedules.annealing_report(eta, schedules.power_decay(1.0, 0.2)).bias_summable
-  with pytest.raises(ValueError, match="anneal to 0"):
+  with pytest.raises(ValueError, match="anneal fast enough"):
     schedules.check_annealing(eta, 0.1)
+  # beta_t -> 0 is not enough (the counterexample of T3.4): 0.75 + 0.2 < 1.
+  with pytest.raises(ValueError, match="alone is not enough"):
+    schedules.check_annealing(eta, schedules.power_decay(1.0, 0.2))
+  # Exact gradients with a constant step: beta_t must then be summable itself.
+  assert schedules.check_annealing(0.3, schedules.power_decay(1.0, 1.5),
+                                   exact_gradients=True).ok
+  with pytest.raises(ValueError, match="anneal fast enough"):
+    schedules.check_annealing(0.3, schedules.inverse_time(1.0), exact_gradients=True)
   with pytest.raises(ValueError, match="not be summable"):
     schedules.check_annealing(schedules.power_decay(1.0, 1.5), schedules.inverse_time(1.0))
   with pytest.raises(ValueError, match="square-summable"):
