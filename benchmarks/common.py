@@ -33,12 +33,14 @@ class Timing:
   max: float
   samples: int
   inner: int
+  values: tuple[float, ...] = ()  # the samples, in round order
 
   @classmethod
   def of(cls, seconds: Sequence[float], inner: int) -> Timing:
     s = np.asarray(seconds, np.float64)
     q25, med, q75 = np.percentile(s, [25, 50, 75])
-    return cls(float(med), float(q25), float(q75), float(s.min()), float(s.max()), len(s), inner)
+    return cls(float(med), float(q25), float(q75), float(s.min()), float(s.max()), len(s), inner,
+               tuple(float(v) for v in s))
 
   @property
   def iqr_frac(self) -> float:
@@ -49,6 +51,17 @@ class Timing:
     d = dataclasses.asdict(self)
     d["unit"] = "seconds per call"
     return d
+
+
+def paired_ratio(num: Timing, den: Timing) -> dict[str, float]:
+  """Median (and quartiles) over rounds of num / den, each round's two samples taken together.
+
+  On a shared machine the load drifts between rounds; the ratio of two contestants timed in the
+  same round is steadier than the ratio of their overall medians.
+  """
+  r = np.asarray(num.values) / np.asarray(den.values)
+  q25, med, q75 = np.percentile(r, [25, 50, 75])
+  return {"median": float(med), "q25": float(q25), "q75": float(q75)}
 
 
 def _calibrate(fn: Callable[[], Any], target_s: float) -> int:

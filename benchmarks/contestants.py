@@ -63,9 +63,13 @@ class Settings:
 
 
 def covrl_policy_loss(name: str, s: Settings, *, selection: str = "global",
-                      micro_batch_size: int | None = None) -> Callable:
-  """(key, old, log_prob, adv, mask) -> (loss, metrics), with s's hyperparameters."""
-  common = {"loss_agg_mode": s.loss_agg_mode}
+                      micro_batch_size: int | None = None, axis_name: str | None = None
+                      ) -> Callable:
+  """(key, old, log_prob, adv, mask) -> (loss, metrics), with s's hyperparameters.
+
+  `axis_name`: the shard_map axis when called per device (benchmarks.sharded).
+  """
+  common = {"loss_agg_mode": s.loss_agg_mode, "axis_name": axis_name}
   if name == "ppo":
     return lambda key, old, lp, adv, mask: covrl.ppo_loss(
         old, lp, adv, mask, clip_ratio=s.clip_ratio, clip_ratio_c=s.clip_ratio_c, **common)
@@ -81,22 +85,26 @@ def covrl_policy_loss(name: str, s: Settings, *, selection: str = "global",
 
 
 def covrl_value_and_grad(name: str, s: Settings, **kwargs) -> Callable:
-  """Jitted (arrays...) -> (loss, grad): grad wrt log_prob, or wrt logits for "entropy"."""
+  """Jitted (arrays...) -> (loss, grad, metrics): grad wrt log_prob, or wrt logits ("entropy").
+
+  The metrics are returned (and so computed), as a training loop that logs them would; verl's
+  functions compute theirs too.
+  """
   if name == "entropy":
     def loss(logits, mask):
       return covrl.entropy_bonus_loss(logits, mask, coef=s.entropy_coef,
                                       loss_agg_mode=s.loss_agg_mode)
     vg = jax.value_and_grad(loss, has_aux=True)
-    return jax.jit(lambda logits, mask: _drop_aux(vg(logits, mask)))
+    return jax.jit(lambda logits, mask: _flat(vg(logits, mask)))
   fn = covrl_policy_loss(name, s, **kwargs)
   vg = jax.value_and_grad(lambda lp, key, old, adv, mask: fn(key, old, lp, adv, mask),
                           has_aux=True)
-  return jax.jit(lambda key, old, lp, adv, mask: _drop_aux(vg(lp, key, old, adv, mask)))
+  return jax.jit(lambda key, old, lp, adv, mask: _flat(vg(lp, key, old, adv, mask)))
 
 
-def _drop_aux(out):
-  (value, _), grad = out
-  return value, grad
+def _flat(out):
+  (value, metrics), grad = out
+  return value, grad, metrics
 
 
 def covrl_call(name: str, s: Settings, data: Any, seed: int = 0, **kwargs) -> Callable:
@@ -104,10 +112,10 @@ def covrl_call(name: str, s: Settings, data: Any, seed: int = 0, **kwargs) -> Ca
   fn = covrl_value_and_grad(name, s, **kwargs)
   if name == "entropy":
     logits, mask = (jnp.asarray(a) for a in data)
-    return lambda: jax.block_until_ready(fn(logits, mask))
+    return lambda: jax.block_until_ready(fn(logits, mask))[:2]
   key = jax.random.key(seed)
   arrays = [jnp.asarray(a) for a in data]
-  return lambda: jax.block_until_ready(fn(key, *arrays))
+  return lambda: jax.block_until_ready(fn(key, *arrays))[:2]
 
 
 # ----------------------------------------------------------------------------------------------
