@@ -114,7 +114,8 @@ def run(sizes: dict[str, tuple[int, int, int]], *, repeats: int = 3, seed: int =
       raise AssertionError(f"tabular sweep {name}: covrl and NumPy policies differ by {gap:.2e}.")
     log(f"  sweep {name} {instances}x{arms}x{steps}: {repeats} interleaved repeats")
     t = common.interleaved(
-        {"covrl": lambda: fn(rj).block_until_ready(), "numpy": lambda: numpy_sweep(r, steps)},
+        {"covrl": lambda fn=fn, rj=rj: fn(rj).block_until_ready(),
+         "numpy": lambda r=r, steps=steps: numpy_sweep(r, steps)},
         rounds=repeats, target_s=0.0, warmup=0)
     work = instances * steps
     rows.append({

@@ -30,7 +30,8 @@ def hook() -> tuple[Any, str]:
     return None, f"covrl.transformer is not importable ({e}); the transformer lab is not merged"
   fn = getattr(module, "benchmark_hook", None)
   if fn is None:
-    return None, "covrl.transformer has no benchmark_hook(size, key) yet (see benchmarks/transformer.py)"
+    return None, ("covrl.transformer has no benchmark_hook(size, key) yet "
+                  "(contract in benchmarks/transformer.py)")
   return fn, ""
 
 

@@ -41,7 +41,7 @@ from covrl import _checks
 from covrl import aggregation as agg
 from covrl import selection as sel
 from covrl import softmax_entropy as ent
-from covrl.covariance import finite_tokens, masked_mean, masked_sum, token_covariance
+from covrl.covariance import centred_product, finite_tokens, masked_mean, masked_sum
 
 Metrics = dict[str, jax.Array]
 Selection = Literal["global", "local"]
@@ -194,7 +194,7 @@ def policy_gradient_loss(
   t = _tokens(old_log_prob, log_prob, advantages, response_mask)
   log_ratio, ratio = _ratio(t)
   aggregate = _aggregate(-t.adv * ratio, t, loss_agg_mode, denominator, horizon, axis_name)
-  cov = token_covariance(t.new, t.adv, t.valid, axis_name=axis_name)
+  cov = centred_product(t.new, t.adv, t.valid, axis_name=axis_name)
   return aggregate.value, _metrics(
       t, aggregate, cov, axis_name, log_ratio=log_ratio, logits=logits, logit_update=logit_update
   )
@@ -246,7 +246,7 @@ def ppo_loss(
     clipped_lower = (loss_mat > dual) & (t.adv < 0)
     loss_mat = jnp.where(t.adv < 0, jnp.minimum(loss_mat, dual), loss_mat)
   aggregate = _aggregate(loss_mat, t, loss_agg_mode, denominator, horizon, axis_name)
-  cov = token_covariance(t.new, t.adv, t.valid, axis_name=axis_name)
+  cov = centred_product(t.new, t.adv, t.valid, axis_name=axis_name)
   return aggregate.value, _metrics(
       t, aggregate, cov, axis_name, log_ratio=log_ratio, clipped=clipped,
       clipped_lower=clipped_lower, logits=logits, logit_update=logit_update,
@@ -347,7 +347,7 @@ def _covariance_and_selection(t, selected, selection, micro_batch_size, axis_nam
                               eligible):
   """c_i and the selected mask: global, per local group of rows, or precomputed."""
   if selection == "global" or selected is not None:
-    cov = token_covariance(t.new, t.adv, t.valid, axis_name=axis_name)
+    cov = centred_product(t.new, t.adv, t.valid, axis_name=axis_name)
     if selected is not None:
       _checks.check_same_shape(("selected", "log_prob"), (selected, t.new))
       return cov, jnp.asarray(selected, bool) & t.valid
@@ -358,7 +358,7 @@ def _covariance_and_selection(t, selected, selection, micro_batch_size, axis_nam
   base = 0 if axis_name is None else lax.axis_index(axis_name) * t.new.shape[0]
 
   def group(offset, new, adv, valid, elig):
-    c = token_covariance(new, adv, valid)
+    c = centred_product(new, adv, valid)
     return c, select(key, base + offset, c, valid, elig, None)
 
   return _grouped(group, (t.new, t.adv, t.valid, eligible), micro_batch_size)
