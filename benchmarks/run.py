@@ -141,8 +141,8 @@ def main(argv=None) -> int:
 
   report["targets"] = targets(report)
   report["elapsed_s"] = time.perf_counter() - start
-  print(render(report))
   _write(args.out, report)
+  print(render(report))
   _log(f"wrote {args.out} ({report['elapsed_s']:.0f} s)")
   return 0
 
