@@ -73,7 +73,12 @@ def main(argv=None) -> int:
   p.add_argument("--out", default="benchmarks/results.json", help="JSON output path")
   p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {PARTS}")
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--render", metavar="JSON", help="print the tables of a saved run and exit")
   args = p.parse_args(argv)
+  if args.render:
+    with open(args.render) as f:
+      print(render(json.load(f)))
+    return 0
   parts = [x for x in args.parts.split(",") if x]
   unknown = set(parts) - set(PARTS)
   if unknown:
@@ -207,13 +212,15 @@ def render(report: dict[str, Any]) -> str:
         size += f"x{r['vocab']}"
       rows.append([
           r["loss"], size, _t(r["covrl"]), _t(r["verl"]), f"{r['speedup_vs_verl']:.1f}x",
+          f"{r['verl']['min'] / r['covrl']['min']:.1f}x",
           f"{r['covrl_tokens_per_s'] / 1e6:.1f}M", f"{r['verl_tokens_per_s'] / 1e6:.2f}M",
           "-" if r["cost_vs_ppo"] is None else f"{r['cost_vs_ppo']:.2f}x",
           f"{r['bytes_moved'] / 2**20:.1f} MiB", fmt_time(r["time_at_copy_bandwidth_s"]),
           f"{r['fraction_of_copy_bandwidth']:.2f}", _t(r["memcpy"]),
           f"{r['fraction_of_memcpy']:.2f}",
       ])
-    lines.append(table(["loss", "B x T (x V)", "covrl", "verl", "covrl/verl", "covrl tok/s",
+    lines.append(table(["loss", "B x T (x V)", "covrl", "verl", "covrl/verl", "best/best",
+                        "covrl tok/s",
                         "verl tok/s", "cost vs PPO", "bytes", "bytes/bw", "of bw",
                         "memcpy same bytes", "of memcpy"], rows))
   if "sharded" in report:
