@@ -84,7 +84,8 @@ def token_covariance(
 
 
 def centred_product(
-    log_prob: jax.Array, advantages: jax.Array, valid: jax.Array, *, axis_name: str | None = None
+    log_prob: jax.Array, advantages: jax.Array, valid: jax.Array, *, axis_name: str | None = None,
+    count: jax.Array | None = None,
 ) -> jax.Array:
   """c_i of `token_covariance` for inputs it has already cleaned (no checks, no masking).
 
@@ -92,7 +93,8 @@ def centred_product(
   `valid` is False: the means are then plain sums over the arrays, with no masked copy of
   each input, which is one full pass over [B, T] fewer per mean.
   """
-  count = jnp.sum(valid, dtype=log_prob.dtype)
+  if count is None:  # this device's number of valid tokens (the caller may have it already)
+    count = jnp.sum(valid, dtype=log_prob.dtype)
   sums = jnp.stack([jnp.sum(lax.stop_gradient(log_prob)), jnp.sum(advantages)])
   if axis_name is not None:
     count, sums = lax.psum((count, sums), axis_name)
