@@ -54,8 +54,8 @@ class Bandit:
     state_probs: [S] probabilities of the states (uniform when None); each > 0.
 
   Example:
-    >>> import covrl
-    >>> b = covrl.bandits.Bandit((1.0, 0.9, 0.1))
+    >>> from covrl import bandits
+    >>> b = bandits.Bandit((1.0, 0.9, 0.1))
     >>> b.num_states, b.num_actions, b.optimal_value
     (1, 3, 1.0)
   """
