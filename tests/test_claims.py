@@ -20,7 +20,7 @@ def _params():
 
 
 @pytest.mark.parametrize("claim_id", list(_params()))
-def test_claim_is_confirmed(claim_id):
+def test_claim_passes(claim_id):
   result = registry.run(claim_id, size="test")
   m = result.measurement
   assert m.passed, f"{claim_id}: {m.summary}\nmeasured: {m.measured}\nnotes: {m.notes}"
