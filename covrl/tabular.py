@@ -338,7 +338,8 @@ def _records(config: TabularConfig, logits: jax.Array) -> tuple[jax.Array, ...]:
   r = jnp.asarray(config.bandit.r, logits.dtype)
   rho = jnp.asarray(config.bandit.rho, logits.dtype)
   pi = jax.nn.softmax(logits, axis=-1)
-  gap = config.bandit.optimal_value - rho @ jnp.sum(pi * r, axis=-1)
+  # sum_s rho_s sum_a pi_s(a) Delta_s(a): no cancellation when the gap is tiny.
+  gap = rho @ jnp.sum(pi * (jnp.max(r, axis=-1, keepdims=True) - r), axis=-1)
   return gap, rho @ entropy(logits), pi
 
 
@@ -632,7 +633,9 @@ def run(
     hyper: optional Hyperparams with a leading axis of length n (see `hyperparams`).
     mesh: optional mesh with a "data" axis whose size divides n.
     progress: False, True, or a label for a progress line on stderr.
-    num_chunks: about how many compiled chunks to run (each reports progress).
+    num_chunks: about how many compiled chunks to run (each reports progress). The compiled
+      functions are cached per (config, chunk length): running a config again, with other keys,
+      initial logits, step sizes or coefficients, does not recompile.
 
   Returns:
     TrainResult with a leading axis of length n.
