@@ -257,6 +257,24 @@ def _check_init(init_coef: Any, low: float, high: float) -> float:
   return c
 
 
+def _gain(name: str, value: Any, ok: Callable[[float], bool], rule: str) -> Any:
+  """A gain as a float when concrete (checked against `ok`), or the traced value unchanged.
+
+  Gains may be traced so that a sweep over them is one vmapped, compiled program; as everywhere
+  in covrl, value checks then run only on concrete values.
+  """
+  if isinstance(value, bool):
+    raise ValueError(f"{name} must be a number, got {value!r}.")
+  v = _checks.concrete_float(value)
+  if v is None:
+    if _checks.is_concrete(value):
+      raise ValueError(f"{name} must be a scalar number, got {value!r}.")
+    return value
+  if not (math.isfinite(v) and ok(v)):
+    raise ValueError(f"{name} must be {rule}, got {value!r}.")
+  return v
+
+
 def _init_state(init_coef: float) -> Callable[[], ControllerState]:
   def init() -> ControllerState:
     zero = jnp.zeros((), jnp.float32)
@@ -346,7 +364,7 @@ def reactive(
     target: H*(t): a TargetPath, a number, or a callable (then `num_steps`).
     vocab_size: V; the path must lie in [0, log V].
     delta: the level's step per update, > 0 (Skywork-OR1: 1e-4 with c_max = 5e-3; TRL's
-      default: 5e-3 with c_max = 1).
+      default: 5e-3 with c_max = 1); a number or a traced scalar (a vmapped sweep).
     coef_range: (c_min, c_max) the level is clipped to.
     init_coef: level_0.
     delay: 0 (the current measurement) or 1 (the previous one, as the released code).
@@ -361,9 +379,7 @@ def reactive(
   path = _target_path(target, vocab_size, num_steps)
   low, high = _check_range(coef_range)
   c0 = _check_init(init_coef, low, high)
-  d = _checks.concrete_float(delta)
-  if d is None or not (math.isfinite(d) and d > 0):
-    raise ValueError(f"delta must be a finite number > 0, got {delta!r}.")
+  d = _gain("delta", delta, lambda v: v > 0, "a finite number > 0")
   if delay not in (0, 1):
     raise ValueError(f"delay must be 0 or 1, got {delay!r}.")
   base_init = _init_state(c0)
@@ -436,8 +452,9 @@ def pid(
   Args:
     target: H*(t), as in `reactive`.
     vocab_size: V.
-    kp, ki, kd: gains >= 0 (strength per nat of error), not all 0. They assume the strength
-      raises entropy (true of the bonus, KL-Cov's beta and Clip-Cov's ratio).
+    kp, ki, kd: gains >= 0 (strength per nat of error), not all 0; numbers, or traced scalars
+      (a vmapped sweep; checked only when concrete). They assume the strength raises entropy
+      (true of the bonus, KL-Cov's beta and Clip-Cov's ratio).
     coef_range: (c_min, c_max).
     init_coef: c_0, the feed-forward strength.
     plant_gain: optional b = dH/dc per update, an estimate of how much one unit of strength
@@ -448,15 +465,12 @@ def pid(
   path = _target_path(target, vocab_size, num_steps)
   low, high = _check_range(coef_range)
   c0 = _check_init(init_coef, low, high)
-  gains = {}
-  for name, value in (("kp", kp), ("ki", ki), ("kd", kd)):
-    v = _checks.concrete_float(value)
-    if v is None or not (math.isfinite(v) and v >= 0):
-      raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
-    gains[name] = v
-  if not any(gains.values()):
+  gains = {name: _gain(name, value, lambda v: v >= 0, "a finite number >= 0")
+           for name, value in (("kp", kp), ("ki", ki), ("kd", kd))}
+  concrete = all(isinstance(v, float) for v in gains.values())
+  if concrete and not any(gains.values()):
     raise ValueError("a PID controller needs at least one positive gain.")
-  if plant_gain is not None:
+  if plant_gain is not None and concrete:
     b = _checks.concrete_float(plant_gain)
     if b is None or not (math.isfinite(b) and b > 0):
       raise ValueError(f"plant_gain must be a finite number > 0, got {plant_gain!r}.")
@@ -507,7 +521,8 @@ def predictive(
     target: H*(t): a TargetPath, a number, or a callable (then `num_steps`).
     vocab_size: V; the path must lie in [0, log V].
     coef_range: (c_min, c_max); the strength saturates there.
-    gain: relaxation gain in (0, 2); 1 asks for the whole correction in one update.
+    gain: relaxation gain in (0, 2); 1 asks for the whole correction in one update (a number,
+      or a traced scalar, checked only when concrete).
     solver: "secant", "bisection" or "newton".
     num_iters: bisection halvings (>= 0; 0 is the secant on the whole range).
     init_coef: the strength "before the first update" (Newton's first expansion point and the
@@ -531,11 +546,10 @@ def predictive(
   path = _target_path(target, vocab_size, num_steps)
   low, high = _check_range(coef_range)
   c0 = low if init_coef is None else _check_init(init_coef, low, high)
-  g = _checks.concrete_float(gain)
-  if g is None or not (0.0 < g < 2.0):
-    raise ValueError(f"gain must lie in (0, 2): with an exact prediction the tracking error is "
-                     f"multiplied by (1 - gain) each update, so gain {gain!r} makes the loop "
-                     "unstable (or never corrects it).")
+  g = _gain("gain", gain, lambda v: 0.0 < v < 2.0,
+            "in (0, 2): with an exact prediction the tracking error is multiplied by "
+            "(1 - gain) each update, so a gain outside (0, 2) makes the loop unstable (or never "
+            "corrects it)")
   if solver not in SOLVERS:
     raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}.")
   if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 0:

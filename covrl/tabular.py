@@ -356,11 +356,15 @@ def _exact_step(config: TabularConfig) -> Callable:
   bonus = config.control == "entropy"
   normalize = config.advantage == "grpo"
 
-  def step(state: TrainState) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
+  def step(state: TrainState, coef: jax.Array | None = None
+           ) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
+    """One update; `coef` overrides the configured (scheduled) bonus coefficient."""
     z, t, hyper = state.logits, state.step, state.hyper
     rr, rh = jnp.asarray(r, z.dtype), jnp.asarray(rho, z.dtype)
     eta = hyper.step_size * eta_shape(t)
     alpha = hyper.coef * coef_shape(t) if bonus else jnp.zeros((), z.dtype)
+    if coef is not None and bonus:
+      alpha = jnp.asarray(coef, z.dtype)
     if config.dynamics == "pg":
       objective = lambda z: rh @ (jnp.sum(jax.nn.softmax(z) * rr, -1) + alpha * entropy(z))
       dz = jax.grad(objective)(z)
@@ -379,10 +383,10 @@ def _exact_step(config: TabularConfig) -> Callable:
   return step
 
 
-def _policy_loss(config: TabularConfig, key, old, new, adv, mask, ratio, beta):
+def _policy_loss(config: TabularConfig, key, old, new, adv, mask, ratio, beta, max_ratio=None):
   kw: dict[str, Any] = {}
   if not isinstance(ratio, float):  # an annealed ratio: a static bound for the selection shape
-    kw["max_ratio"] = config.ratio.init_value
+    kw["max_ratio"] = config.ratio.init_value if max_ratio is None else max_ratio
   if config.control == "kl_cov":
     return losses.kl_cov_loss(old, new, adv, mask, kl_cov_ratio=ratio, kl_coef=beta,
                               min_count=config.min_count, **kw)
@@ -473,15 +477,21 @@ def _sampled_step(config: TabularConfig) -> Callable:
       rewards = means
     return states, actions, rewards
 
-  def step(state: TrainState, bits: jax.Array) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
+  def step(state: TrainState, bits: jax.Array, coef: jax.Array | None = None,
+           ratio: jax.Array | None = None, max_ratio: float | None = None
+           ) -> tuple[TrainState, tuple[jax.Array, jax.Array]]:
+    """One outer step. `coef` and `ratio` override the configured (scheduled) values, for a
+    controller that sets them step by step; a traced `ratio` needs `max_ratio`, a static bound."""
     z, t, hyper = state.logits, state.step, state.hyper
     u = _uniform(bits, z.dtype)
     states, actions, rewards = sample(z, u, bits[layout.key])
     adv = lax.stop_gradient(_advantages(config, rewards, states, z))
     old_lp = jax.nn.log_softmax(z)[states, actions]
     eta = hyper.step_size * eta_shape(t)
-    coef = hyper.coef * coef_shape(t)
-    ratio = config.ratio(t) if scheduled_ratio else float(config.ratio.init_value)
+    if coef is None:
+      coef = hyper.coef * coef_shape(t)
+    if ratio is None:
+      ratio = config.ratio(t) if scheduled_ratio else float(config.ratio.init_value)
     mask = jnp.ones((size, 1), bool)
     # Clip-Cov's draw needs a key: a fresh one per step, built from two of the step's words.
     step_key = jax.random.wrap_key_data(bits[layout.key], impl="threefry2x32")
@@ -491,7 +501,7 @@ def _sampled_step(config: TabularConfig) -> Callable:
       column = lambda x: x[:, None]
       new_lp = jax.nn.log_softmax(z)[s, a]
       loss, metrics = _policy_loss(config, key, column(old_lp[idx]), column(new_lp),
-                                   column(adv[idx]), mask, ratio, coef)
+                                   column(adv[idx]), mask, ratio, coef, max_ratio)
       if config.control == "entropy":
         bonus, _ = losses.entropy_bonus_loss(z[s][:, None, :], mask, coef=coef)
         loss = loss + bonus
