@@ -39,7 +39,9 @@ J dtheta(c) by `jax.jvp` for a network, see `linearized_logit_update`).
   "bisection"  bracket [c_min, c_max], `num_iters` halvings, then the secant in the last bracket:
                for non-affine f (Adam, several inner steps, second-order prediction, Clip-Cov's
                ratio, whose effect is piecewise constant in r). Needs f(c) - target to change
-               sign on the range; otherwise c saturates.
+               sign on the range; otherwise c saturates. Choose the range where f is monotone:
+               the second-order prediction of a large step can turn back down (its -Var/2 term
+               grows like c^2), and then a far end of the range looks "out of reach".
   "newton"     one Newton step from the last coefficient, f' by `jax.jvp` in c: exact for affine
                f, one evaluation in forward mode; `predict` must support jax.jvp.
 
@@ -103,7 +105,8 @@ class TargetPath:
     t = jnp.asarray(t)
     if self.kind == "schedule":
       return jnp.asarray(self.fn(t))
-    tf = t.astype(jnp.float32) if not jnp.issubdtype(t.dtype, jnp.floating) else t
+    # Integer steps become the default float (float64 under jax.enable_x64).
+    tf = t if jnp.issubdtype(t.dtype, jnp.floating) else t.astype(jnp.result_type(float))
     h0, h1 = self.init_value, self.end_value
     if self.kind == "constant":
       return jnp.full(t.shape, h0, tf.dtype)
@@ -415,20 +418,25 @@ def reactive(
 
 
 def pid_poles(kp: float, ki: float, kd: float, plant_gain: float) -> np.ndarray:
-  """Closed-loop poles of the PID on the integrating plant H_{t+1} = H_t + b c_t + d_t.
+  """Closed-loop poles of the PID on the integrating plant H_{t+1} = H_t + b c_t + d.
 
-  With e = H* - H and c_t = kp e_t + ki sum_{s<=t} e_s + kd (e_t - e_{t-1}), the error obeys
-  e_{t+1} = e_t - b c_t (constant target and disturbance), whose characteristic polynomial is
+  With e = H* - H, I_t = I_{t-1} + e_t and c_t = kp e_t + ki I_t + kd (e_t - e_{t-1}), a constant
+  target and disturbance give e_{t+1} = e_t - b c_t, a linear system in (e_t, I_{t-1}, e_{t-1}):
 
-    z (z - 1)^2 + b [kp z (z - 1) + ki z^2 + kd (z - 1)^2] = 0.
+    e_{t+1} = (1 - b (kp + ki + kd)) e_t - b ki I_{t-1} + b kd e_{t-1},
+    I_t     = I_{t-1} + e_t.
 
-  The loop is stable iff every root has modulus < 1 (a P controller: 0 < b kp < 2).
+  The loop is stable iff every eigenvalue has modulus < 1. States a gain does not use (I when
+  ki = 0, e_{t-1} when kd = 0) are left out: they would only add a decoupled eigenvalue (1 or 0).
+  A P controller has the single pole 1 - b kp: stable iff 0 < b kp < 2.
   """
   b = float(plant_gain)
-  coeffs = (np.array([1.0, -2.0, 1.0, 0.0])
-            + b * (kp * np.array([0.0, 1.0, -1.0, 0.0]) + ki * np.array([0.0, 1.0, 0.0, 0.0])
-                   + kd * np.array([0.0, 1.0, -2.0, 1.0])))
-  return np.roots(coeffs)
+  keep = [True, ki != 0, kd != 0]
+  a = np.array([[1.0 - b * (kp + ki + kd), -b * ki, b * kd],
+                [1.0, 1.0, 0.0],
+                [1.0, 0.0, 0.0]])
+  idx = [i for i, k in enumerate(keep) if k]
+  return np.linalg.eigvals(a[np.ix_(idx, idx)])
 
 
 def pid(
@@ -566,9 +574,10 @@ def predictive(
     coef, predicted, saturated = _solve(solver, num_iters, predict, desired, state.coef, low,
                                         high, h.dtype)
     finite = jnp.isfinite(coef) & jnp.isfinite(predicted)
-    coef = jnp.where(finite, coef, state.coef).astype(jnp.float32)
+    # The coefficient is returned in the computation's dtype; the state keeps float32 copies.
+    coef = jnp.where(finite, coef, state.coef.astype(coef.dtype))
     new = state._replace(
-        count=t + 1, coef=coef, error=(now - h).astype(jnp.float32),
+        count=t + 1, coef=coef.astype(jnp.float32), error=(now - h).astype(jnp.float32),
         target=now.astype(jnp.float32),
         predicted=jnp.where(finite, predicted, 0.0).astype(jnp.float32),
         saturated=saturated & finite, nonfinite=~finite,

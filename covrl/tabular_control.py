@@ -35,6 +35,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -224,8 +225,14 @@ def run_controlled(
       raise ValueError(f"the batch of {n} runs must divide evenly over {mesh.shape['data']} "
                        "devices.")
     keys, hyper = jax.device_put((keys, hyper), NamedSharding(mesh, P("data")))
-  train = make_controlled_train(config, controller, target, order=order)
-  return jax.jit(jax.vmap(train))(keys, hyper)
+  return _batched(config, controller, target, order)(keys, hyper)
+
+
+@functools.lru_cache(maxsize=64)
+def _batched(config, controller, target, order):
+  """The jitted, vmapped run of a (config, controller, target, order), built once per process
+  (all four are hashable; the keys and hyperparameters that vary between calls are traced)."""
+  return jax.jit(jax.vmap(make_controlled_train(config, controller, target, order=order)))
 
 
 def summarize(errors: np.ndarray, *, confidence: float = 0.95, num_resamples: int = 2000,
