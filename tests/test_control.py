@@ -27,7 +27,7 @@ def np_entropy(z):
 
 def np_first_order(z, dz):
   """-Cov_pi(log pi, dz), in NumPy."""
-  h, p = np_entropy(z)
+  _, p = np_entropy(z)
   logp = np.log(p)
   return -(p * (logp - (p * logp).sum(-1, keepdims=True)) * dz).sum(-1)
 
@@ -345,7 +345,7 @@ def test_global_statistics_on_eight_devices_equal_one_device():
     h = controllers.pooled_entropy(z, m, axis_name=axis_name)
     predict = lambda c: controllers.pooled_entropy_change(z, d0 + c * grad, m,
                                                           axis_name=axis_name)
-    coef, state = ctl.update(ctl.init(), h, predict)
+    coef, _ = ctl.update(ctl.init(), h, predict)
     return h, predict(0.7), coef
 
   one = control(logits, dz0, g, mask, None)
