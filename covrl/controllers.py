@@ -289,6 +289,18 @@ def _init_state(init_coef: float) -> Callable[[], ControllerState]:
   return init
 
 
+_FLOAT_FIELDS = ("coef", "level", "error", "target", "predicted")
+
+
+def _advance(state: ControllerState, coef: jax.Array, dtype, **changes) -> tuple[jax.Array,
+                                                                                  ControllerState]:
+  """(coef in the computation dtype, the next state with its fixed field dtypes)."""
+  fixed = {k: jnp.asarray(v, jnp.float32 if k in _FLOAT_FIELDS else getattr(state, k).dtype)
+           for k, v in changes.items()}
+  new = state._replace(count=state.count + 1, coef=jnp.asarray(coef, jnp.float32), **fixed)
+  return jnp.asarray(coef, dtype), new
+
+
 def _measured(entropy: Any) -> jax.Array:
   h = _checks.check_float_array("entropy", entropy)
   if h.ndim != 0:
@@ -308,18 +320,23 @@ def fixed(coef: float, *, coef_range: tuple[float, float] | None = None, target:
   """A constant strength c_t = coef (the open-loop baseline).
 
   Args:
-    coef: the strength.
+    coef: the strength: a number, or a traced scalar (a sweep; then clipped to coef_range).
     coef_range: optional (c_min, c_max) the coefficient must lie in (for a common harness).
     target: optional H*(t), only recorded in `state.target` (for the tracking error); needs
       `vocab_size`.
     vocab_size: V, to check `target`.
     num_steps: horizon on which a callable target is checked.
   """
-  c = _checks.concrete_float(coef)
-  if c is None or not math.isfinite(c):
-    raise ValueError(f"coef must be a finite number, got {coef!r}.")
-  low, high = _check_range(coef_range) if coef_range is not None else (min(c, 0.0), max(c, 1.0))
-  _check_init(c, low, high)
+  c = _gain("coef", coef, lambda v: True, "a finite number")
+  if isinstance(c, float):
+    low, high = (_check_range(coef_range) if coef_range is not None
+                 else (min(c, 0.0), max(c, 1.0)))
+    _check_init(c, low, high)
+  else:  # traced (a sweep): the range must be given, and the value is clipped into it
+    if coef_range is None:
+      raise ValueError("a traced coef needs coef_range.")
+    low, high = _check_range(coef_range)
+    c = jnp.clip(c, low, high)
   path = None
   if target is not None:
     if vocab_size is None:
@@ -331,9 +348,7 @@ def fixed(coef: float, *, coef_range: tuple[float, float] | None = None, target:
     del predict
     h = _measured(entropy)
     goal = path(state.count).astype(h.dtype) if path is not None else h
-    new = state._replace(count=state.count + 1, error=(goal - h).astype(jnp.float32),
-                         target=goal.astype(jnp.float32))
-    return state.coef, new
+    return _advance(state, state.coef, h.dtype, error=goal - h, target=goal)
 
   return Controller(init, update, "fixed", (low, high), vocab_size, False)
 
@@ -396,23 +411,21 @@ def reactive(
   def update(state: ControllerState, entropy: jax.Array, predict: Predictor | None = None):
     del predict
     h = _measured(entropy)
-    goal = path(state.count).astype(h.dtype)
-    error = (goal - h).astype(jnp.float32)
-    seen = state.error if delay else error
-    below = seen > 0
+    dt = h.dtype
+    goal = path(state.count).astype(dt)
+    error = goal - h
+    below = (state.error.astype(dt) if delay else error) > 0
+    step = jnp.asarray(d, dt)
     if delay:
       # Released-code ordering: the level moved after the previous update, with its entropy.
-      level = state.level
-      step_level = jnp.clip(state.level + jnp.where(error > 0, d, -d), low, high)
+      level = state.level.astype(dt)
+      next_level = jnp.clip(level + jnp.where(error > 0, step, -step), low, high)
     else:
-      level = jnp.clip(state.level + jnp.where(below, d, -d), low, high)
-      step_level = level
-    coef = jnp.where(below, level, 0.0).astype(jnp.float32)
-    new = state._replace(count=state.count + 1, coef=coef, level=step_level, error=error,
-                         target=goal.astype(jnp.float32),
-                         saturated=(level <= low) | (level >= high),
-                         nonfinite=jnp.zeros((), bool))
-    return coef, new
+      level = jnp.clip(state.level.astype(dt) + jnp.where(below, step, -step), low, high)
+      next_level = level
+    coef = jnp.where(below, level, jnp.zeros((), dt))
+    return _advance(state, coef, dt, level=next_level, error=error, target=goal,
+                    saturated=(level <= low) | (level >= high), nonfinite=False)
 
   return Controller(init, update, "reactive", (low, high), vocab_size, False)
 
@@ -493,18 +506,17 @@ def pid(
   def update(state: ControllerState, entropy: jax.Array, predict: Predictor | None = None):
     del predict
     h = _measured(entropy)
-    goal = path(state.count).astype(h.dtype)
-    error = (goal - h).astype(jnp.float32)
-    previous = jnp.where(state.count == 0, error, state.error)
-    integral = state.level + error
-    raw = c0 + kp_ * error + ki_ * integral + kd_ * (error - previous)
-    coef = jnp.clip(raw, low, high)
+    dt = h.dtype
+    goal = path(state.count).astype(dt)
+    error = goal - h
+    previous = jnp.where(state.count == 0, error, state.error.astype(dt))
+    integral = state.level.astype(dt) + error
+    raw = (c0 + jnp.asarray(kp_, dt) * error + jnp.asarray(ki_, dt) * integral
+           + jnp.asarray(kd_, dt) * (error - previous))
     winding = ((raw > high) & (error > 0)) | ((raw < low) & (error < 0))
-    new = state._replace(count=state.count + 1, coef=coef,
-                         level=jnp.where(winding, state.level, integral), error=error,
-                         target=goal.astype(jnp.float32), saturated=(raw > high) | (raw < low),
-                         nonfinite=jnp.zeros((), bool))
-    return coef, new
+    return _advance(state, jnp.clip(raw, low, high), dt,
+                    level=jnp.where(winding, state.level.astype(dt), integral), error=error,
+                    target=goal, saturated=(raw > high) | (raw < low), nonfinite=False)
 
   return Controller(init, update, "pid", (low, high), vocab_size, False)
 
@@ -576,15 +588,51 @@ def predictive(
     finite = jnp.isfinite(coef) & jnp.isfinite(predicted)
     # The coefficient is returned in the computation's dtype; the state keeps float32 copies.
     coef = jnp.where(finite, coef, state.coef.astype(coef.dtype))
-    new = state._replace(
-        count=t + 1, coef=coef.astype(jnp.float32), error=(now - h).astype(jnp.float32),
-        target=now.astype(jnp.float32),
-        predicted=jnp.where(finite, predicted, 0.0).astype(jnp.float32),
-        saturated=saturated & finite, nonfinite=~finite,
-        num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32))
-    return coef, new
+    return _advance(state, coef, h.dtype, error=now - h, target=now,
+                    predicted=jnp.where(finite, predicted, 0.0), saturated=saturated & finite,
+                    nonfinite=~finite,
+                    num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32))
 
   return Controller(init, update, "predictive", (low, high), vocab_size, True)
+
+
+def switch(index: Any, branches: list[Controller] | tuple[Controller, ...]) -> Controller:
+  """One controller that runs `branches[index]`, `index` a (possibly traced) int.
+
+  All controllers share `ControllerState`, so a traced index selects one with `lax.switch`: a
+  comparison of several controllers (and, with traced gains, of a grid of gains) is one
+  compiled program, vmapped over the index. Under vmap every branch runs and its result is
+  selected, so a predictive branch evaluates `predict` in every lane.
+
+  Args:
+    index: which branch, in [0, len(branches)).
+    branches: controllers with the same coef_range.
+
+  Returns:
+    A Controller (needs_prediction if any branch needs it).
+  """
+  branches = tuple(branches)
+  if not branches or not all(isinstance(b, Controller) for b in branches):
+    raise TypeError("branches must be a non-empty sequence of Controllers.")
+  ranges = {b.coef_range for b in branches}
+  if len(ranges) != 1:
+    raise ValueError(f"the branches must share one coef_range, got {sorted(ranges)}.")
+  sizes = {b.vocab_size for b in branches} - {None}
+  if len(sizes) > 1:
+    raise ValueError(f"the branches were built for different vocab sizes {sorted(sizes)}.")
+  i = jnp.asarray(index, jnp.int32)
+  if _checks.is_concrete(i) and not 0 <= int(i) < len(branches):
+    raise ValueError(f"index must lie in [0, {len(branches)}), got {int(i)}.")
+
+  def init() -> ControllerState:
+    return jax.lax.switch(i, [b.init for b in branches])
+
+  def update(state, entropy, predict=None):
+    return jax.lax.switch(i, [lambda s, h, b=b: b.update(s, h, predict) for b in branches],
+                          state, entropy)
+
+  return Controller(init, update, "switch", branches[0].coef_range,
+                    next(iter(sizes), None), any(b.needs_prediction for b in branches))
 
 
 def _scalar(predict: Predictor, c: jax.Array) -> jax.Array:

@@ -466,3 +466,27 @@ def test_controlled_loop_rejects_bad_setups():
     tabular_control.make_controlled_train(_sampled(), good, 3.0)
   with pytest.raises(TypeError):
     tabular_control.make_controlled_train(_sampled(), "predictive", path)
+
+
+def test_switch_runs_the_indexed_controller_and_vmaps_over_the_index():
+  kw = dict(vocab_size=4, coef_range=(0.0, 1.0))
+  branches = [controllers.fixed(0.2, coef_range=(0.0, 1.0)),
+              controllers.reactive(0.8, delta=0.1, init_coef=0.3, **kw),
+              controllers.pid(0.8, kp=0.5, ki=0.1, **kw),
+              controllers.predictive(0.8, **kw)]
+  predict = lambda c: 0.3 * c - 0.1
+  hs = jnp.asarray([1.0, 0.7, 0.9, 0.5], jnp.float32)
+
+  def run(ctl):
+    def body(state, h):
+      coef, state = ctl.update(state, h, predict)
+      return state, coef
+    return jax.lax.scan(body, ctl.init(), hs)[1]
+
+  alone = np.stack([np.asarray(run(b)) for b in branches])
+  together = jax.jit(jax.vmap(lambda i: run(controllers.switch(i, branches))))(jnp.arange(4))
+  np.testing.assert_allclose(np.asarray(together), alone, atol=1e-6)
+  with pytest.raises(ValueError, match="coef_range"):
+    controllers.switch(0, [branches[0], controllers.fixed(0.2, coef_range=(0.0, 2.0))])
+  with pytest.raises(ValueError, match="index"):
+    controllers.switch(4, branches)
