@@ -119,6 +119,7 @@ def make_controlled_train(
     target: Any,
     *,
     order: int = 1,
+    affine: bool | None = None,
 ) -> Callable[..., ControlledResult]:
   """Build `train(key, hyper=None) -> ControlledResult`, pure, for jit and vmap.
 
@@ -129,6 +130,12 @@ def make_controlled_train(
     target: the path the run is measured against (a TargetPath, a number, or a callable of
       t = 0..num_steps), normally the controller's own; it must lie in [0, log K].
     order: the predictor's order, 1 or 2.
+    affine: use that the step's logit update is affine in the strength, dz(c) = dz(c_min) +
+      (c - c_min) / (c_max - c_min) (dz(c_max) - dz(c_min)): the two candidate updates are
+      computed once (one vmapped call, whose sampling is shared), and the prediction and the
+      applied update are read off that line instead of rerunning the step. Exact when the
+      step is one gradient step and the strength multiplies a loss term (the bonus alpha,
+      KL-Cov's beta): the default (None) turns it on exactly then. Not allowed otherwise.
 
   Returns:
     train(key, hyper=None), as `covrl.tabular.make_train`.
@@ -136,11 +143,18 @@ def make_controlled_train(
   knob = _check(config, controller)
   if order not in (1, 2):
     raise ValueError(f"order must be 1 or 2, got {order!r}.")
+  sampled = config.dynamics == "sampled"
+  one_update = not sampled or config.ppo_epochs * config.num_minibatches == 1
+  if affine is None:
+    affine = controller.needs_prediction and knob == "coef" and one_update
+  elif affine and not (knob == "coef" and one_update):
+    raise ValueError("affine=True needs a coefficient knob (entropy, kl_cov) and one gradient "
+                     "step per update (ppo_epochs = num_minibatches = 1): otherwise the update "
+                     "is not affine in the strength.")
   k = config.bandit.num_actions
   path = ctl.as_target(target, config.num_steps)
   ctl.check_target(path, k)
   parts = tabular._parts(config)
-  sampled = config.dynamics == "sampled"
   step = tabular._sampled_step(config) if sampled else tabular._exact_step(config)
   every = config.record_every
   max_ratio = float(controller.coef_range[1]) if knob == "ratio" else None
@@ -155,12 +169,26 @@ def make_controlled_train(
     rho = jnp.asarray(config.bandit.rho, z.dtype)
     h = ctl.pooled_entropy(z, rho)
 
+    if affine:
+      low, high = controller.coef_range
+      ends, (sel, _) = jax.vmap(lambda c: apply(state, bits, c))(jnp.asarray([low, high],
+                                                                             z.dtype))
+      dz_low, dz_high = ends.logits[0] - z, ends.logits[1] - z
+      logit_update = lambda c: dz_low + ((c - low) / (high - low)) * (dz_high - dz_low)
+    else:
+      logit_update = lambda c: apply(state, bits, jnp.asarray(c, z.dtype))[0].logits - z
+
     def predict(c):
-      new, _ = apply(state, bits, jnp.asarray(c, z.dtype))
-      return ctl.pooled_entropy_change(z, new.logits - z, rho, order=order)
+      return ctl.pooled_entropy_change(z, logit_update(jnp.asarray(c, z.dtype)), rho,
+                                       order=order)
 
     coef, cstate = controller.update(cstate, h, predict if controller.needs_prediction else None)
-    new, (selected, _) = apply(state, bits, coef.astype(z.dtype))
+    if affine:
+      new = jax.tree.map(lambda x: x[0], ends)._replace(
+          logits=z + logit_update(coef.astype(z.dtype)))
+      selected = sel[0]
+    else:
+      new, (selected, _) = apply(state, bits, coef.astype(z.dtype))
     gap, _, _ = tabular._records(config, z)
     touched = (coef != 0).astype(z.dtype) if config.control == "entropy" else selected
     # What the predictor says about the update actually applied (for every controller).
@@ -200,6 +228,7 @@ def run_controlled(
     keys: jax.Array,
     *,
     order: int = 1,
+    affine: bool | None = None,
     hyper: tabular.Hyperparams | None = None,
     mesh: jax.sharding.Mesh | None = None,
 ) -> ControlledResult:
@@ -209,7 +238,7 @@ def run_controlled(
   over a mesh's "data" axis gives the one-device result.
 
   Args:
-    config, controller, target, order: as in `make_controlled_train`.
+    config, controller, target, order, affine: as in `make_controlled_train`.
     keys: [n] PRNG keys.
     hyper: optional Hyperparams with a leading axis of length n.
     mesh: optional mesh with a "data" axis whose size divides n.
@@ -225,14 +254,15 @@ def run_controlled(
       raise ValueError(f"the batch of {n} runs must divide evenly over {mesh.shape['data']} "
                        "devices.")
     keys, hyper = jax.device_put((keys, hyper), NamedSharding(mesh, P("data")))
-  return _batched(config, controller, target, order)(keys, hyper)
+  return _batched(config, controller, target, order, affine)(keys, hyper)
 
 
 @functools.lru_cache(maxsize=64)
-def _batched(config, controller, target, order):
-  """The jitted, vmapped run of a (config, controller, target, order), built once per process
-  (all four are hashable; the keys and hyperparameters that vary between calls are traced)."""
-  return jax.jit(jax.vmap(make_controlled_train(config, controller, target, order=order)))
+def _batched(config, controller, target, order, affine):
+  """The jitted, vmapped run of a (config, controller, target, order, affine), built once per
+  process (all hashable; the keys and hyperparameters that vary between calls are traced)."""
+  return jax.jit(jax.vmap(make_controlled_train(config, controller, target, order=order,
+                                                affine=affine)))
 
 
 def summarize(errors: np.ndarray, *, confidence: float = 0.95, num_resamples: int = 2000,

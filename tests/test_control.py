@@ -490,3 +490,15 @@ def test_switch_runs_the_indexed_controller_and_vmaps_over_the_index():
     controllers.switch(0, [branches[0], controllers.fixed(0.2, coef_range=(0.0, 2.0))])
   with pytest.raises(ValueError, match="index"):
     controllers.switch(4, branches)
+
+
+def test_affine_shortcut_equals_rerunning_the_step():
+  with jax.enable_x64(True):
+    cfg = _sampled(num_steps=20, dtype="float64")
+    path = controllers.linear_target(math.log(4), 0.6, 15)
+    ctl = controllers.predictive(path, vocab_size=4, coef_range=(0.0, 2.0))
+    runs = [jax.jit(tabular_control.make_controlled_train(cfg, ctl, path, affine=a))(
+        jax.random.key(4)) for a in (True, False)]
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12), *runs)
+  with pytest.raises(ValueError, match="affine"):
+    tabular_control.make_controlled_train(_sampled(num_minibatches=2), ctl, path, affine=True)
