@@ -119,7 +119,9 @@ class TargetPath:
     """(min, max) of the path over t >= 0 (over t = 0..num_steps for a schedule)."""
     if self.kind != "schedule":
       return min(self.init_value, self.end_value), max(self.init_value, self.end_value)
-    values = np.asarray(self.fn(jnp.arange(self.num_steps + 1)), np.float64)
+    # Evaluated eagerly even when a controller is built inside jit (the steps are constants).
+    with jax.ensure_compile_time_eval():
+      values = np.asarray(self.fn(jnp.arange(self.num_steps + 1)), np.float64)
     if values.shape != (self.num_steps + 1,):
       raise ValueError(f"a target schedule must map a [T] array of steps to a [T] array, got "
                        f"shape {values.shape}.")
@@ -185,8 +187,8 @@ def check_target(target: TargetPath, vocab_size: int) -> None:
     raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}.")
   low, high = target.bounds()
   top = math.log(vocab_size)
-  # A path may touch the bounds; a relative slack absorbs float round-off of log V itself.
-  if low < 0 or high > top * (1 + 1e-12):
+  # A path may touch the bounds; a relative slack absorbs float32 round-off of log V itself.
+  if low < 0 or high > top * (1 + 1e-6):
     raise ValueError(f"the target entropy path leaves [0, log V] = [0, {top:.6g}] nats "
                      f"(V = {vocab_size}): it ranges over [{low:.6g}, {high:.6g}].")
 

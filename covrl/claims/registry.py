@@ -100,7 +100,7 @@ class Claim:
 
 _REGISTRY: dict[str, Claim] = {}
 # Modules that register claims, imported on first use of the registry (in this order).
-CLAIM_MODULES: list[str] = ["covrl.claims.tabular"]
+CLAIM_MODULES: list[str] = ["covrl.claims.tabular", "covrl.claims.control"]
 
 
 def register(claim_id: str, title: str, *, group: str, proof: str = "",
@@ -126,8 +126,10 @@ def _load() -> None:
 
 
 def _order(claim_id: str) -> tuple:
-  parts = claim_id.replace("T", "").split(".")
-  return tuple(int(p) if p.isdigit() else p for p in parts)
+  """Sort key: THEORY.md's T claims first, then other letters (C: entropy control); within a
+  letter, numerically ("T1.8" < "T1.8.tf" < "T2.1")."""
+  letter, parts = claim_id[:1], claim_id[1:].split(".")
+  return (letter != "T", letter, *((0, int(p), "") if p.isdigit() else (1, 0, p) for p in parts))
 
 
 def claims(groups: Iterable[str] | None = None) -> list[Claim]:
