@@ -25,13 +25,15 @@ Every controller is a pair of pure functions with an explicit `ControllerState` 
 `state = controller.init()`, then before each update
 `coef, state = controller.update(state, entropy, predict)`; both work under jit, vmap and scan.
 `entropy` is the measured entropy of the current policy and `predict(c)` the predicted change;
-on many devices both must be global statistics: build them with `pooled_entropy` and
-`pooled_entropy_change` (pass `axis_name` inside `shard_map`; under plain jit on globally
-sharded arrays the sums are global already). The controller itself is scalar arithmetic.
+on many devices both must be global statistics: build them with `covrl.entropy_prediction`
+(`pooled_entropy`, `pooled_entropy_change`; pass `axis_name` inside `shard_map`; under plain jit
+on globally sharded arrays the sums are global already). The controller is scalar arithmetic.
+`controlled_entropy_bonus` wraps a controller and any optax optimiser into one gradient
+transformation for a logit-parameterised policy.
 
 Solving (1): f is evaluated through the caller's `predict`, so the controller does not care how
 the candidate logit update dz(c) was obtained (exactly, for a logit-parameterised policy; as
-J dtheta(c) by `jax.jvp` for a network, see `linearized_logit_update`).
+J dtheta(c) by `jax.jvp` for a network, see `entropy_prediction.linearized_logit_update`).
 
   "secant"     f at c_min and c_max (one vmapped call) and the line through them. Exact when f is
                affine in c: the first-order predictor is linear in dz, and dz(c) is affine for
@@ -72,7 +74,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from covrl import _checks
-from covrl import softmax_entropy as ent
 
 Solver = Literal["secant", "bisection", "newton"]
 SOLVERS: tuple[str, ...] = ("secant", "bisection", "newton")
@@ -687,93 +688,3 @@ def _solve(solver, num_iters, predict, desired, last, low, high, dtype):
   coef = jnp.where(bracketed, coef, jnp.where(nearer_lo, lo, hi))
   predicted = jnp.where(bracketed, predicted, jnp.where(nearer_lo, f_ends[0], f_ends[1]))
   return coef, predicted, ~bracketed
-
-
-# ---------------------------------------------------------------------------------- predictors
-
-
-def _weights(weights: Any, shape: tuple[int, ...], dtype) -> jax.Array:
-  if weights is None:
-    return jnp.ones(shape, dtype)
-  w = jnp.asarray(weights)
-  if w.shape != shape:
-    raise ValueError(f"weights must have the contexts' shape {shape}, got {w.shape}.")
-  if w.dtype == jnp.bool_:
-    return w.astype(dtype)
-  if _checks.is_concrete(w) and np.any(np.asarray(w) < 0):
-    raise ValueError("weights must be >= 0.")
-  return w.astype(dtype)
-
-
-def _weighted_mean(values, w, axis_name):
-  num, den = jnp.sum(jnp.where(w > 0, values * w, 0.0)), jnp.sum(w)
-  if axis_name is not None:
-    num, den = jax.lax.psum((num, den), axis_name)
-  return num / jnp.where(den > 0, den, 1.0)
-
-
-def pooled_entropy(logits: jax.Array, weights: Any = None, *,
-                   axis_name: str | None = None) -> jax.Array:
-  """Weighted mean entropy over contexts: sum_s w_s H(softmax(z_s)) / sum_s w_s.
-
-  Args:
-    logits: [..., V] logits of the contexts (bandit states, or token positions [B, T, V]).
-    weights: [...] weights >= 0 (state probabilities, or a response mask); all 1 when None.
-    axis_name: a `shard_map` axis over which the contexts are split; the mean is then global.
-
-  Returns:
-    [] the pooled entropy (what the controllers track).
-  """
-  logits = ent.check_logits(logits)
-  w = _weights(weights, logits.shape[:-1], logits.dtype)
-  return _weighted_mean(ent._entropy(logits), w, axis_name)
-
-
-def pooled_entropy_change(logits: jax.Array, logit_update: jax.Array, weights: Any = None, *,
-                          order: int = 1, axis_name: str | None = None) -> jax.Array:
-  """Predicted change of `pooled_entropy` under the logit update dz, per context then pooled.
-
-  Per context s the first-order change is -Cov_{pi_s}(log pi_s, dz_s) and the second-order one
-  adds -1/2 [Var_{pi_s}(dz_s) + Cov_{pi_s}(log pi_s, u_s^2)] (THEORY.md T1.2, T1.4); the
-  pooled prediction is their w-weighted mean. Linear in dz at first order.
-
-  Args:
-    logits: [..., V] current logits.
-    logit_update: [..., V] candidate logit update dz.
-    weights: [...] weights >= 0, as in `pooled_entropy`.
-    order: 1 or 2.
-    axis_name: `shard_map` axis over which the contexts are split (global mean).
-
-  Returns:
-    [] predicted change of the pooled entropy.
-  """
-  if order not in (1, 2):
-    raise ValueError(f"order must be 1 or 2, got {order!r}.")
-  logits = ent.check_logits(logits)
-  dz = jnp.asarray(logit_update, logits.dtype)
-  if dz.shape != logits.shape:
-    raise ValueError(f"logit_update {dz.shape} must have the shape of logits {logits.shape}.")
-  w = _weights(weights, logits.shape[:-1], logits.dtype)
-  per_context = (ent._first_order(logits, dz) if order == 1
-                 else ent.entropy_change_second_order(logits, dz))
-  return _weighted_mean(per_context, w, axis_name)
-
-
-def linearized_logit_update(logits_fn: Callable[[Any], jax.Array], params: Any,
-                            param_update: Any) -> tuple[jax.Array, jax.Array]:
-  """(logits, J dtheta): the logits and their first-order change under a parameter update.
-
-  One `jax.jvp` of `logits_fn` at `params` in the direction `param_update` (a pytree like
-  params), so dz ~= J dtheta costs about one forward pass in forward mode. THEORY.md T1.7:
-  predicting from the linearised logit change is accurate to O(|dtheta|^2), like the first-order
-  predictor itself.
-
-  Args:
-    logits_fn: params -> logits [..., V].
-    params: the current parameters.
-    param_update: the candidate update dtheta (same structure as params).
-
-  Returns:
-    (logits, dz), both [..., V].
-  """
-  return jax.jvp(logits_fn, (params,), (param_update,))

@@ -47,6 +47,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from covrl import controllers as ctl
+from covrl import entropy_prediction as ep
 from covrl import tabular
 
 KNOBS: dict[str, str] = {"entropy": "coef", "kl_cov": "coef", "clip_cov": "ratio"}
@@ -167,7 +168,7 @@ def make_controlled_train(
     state, cstate = carry
     z = state.logits
     rho = jnp.asarray(config.bandit.rho, z.dtype)
-    h = ctl.pooled_entropy(z, rho)
+    h = ep.pooled_entropy(z, rho)
 
     if affine:
       low, high = controller.coef_range
@@ -179,7 +180,7 @@ def make_controlled_train(
       logit_update = lambda c: apply(state, bits, jnp.asarray(c, z.dtype))[0].logits - z
 
     def predict(c):
-      return ctl.pooled_entropy_change(z, logit_update(jnp.asarray(c, z.dtype)), rho,
+      return ep.pooled_entropy_change(z, logit_update(jnp.asarray(c, z.dtype)), rho,
                                        order=order)
 
     coef, cstate = controller.update(cstate, h, predict if controller.needs_prediction else None)
@@ -192,7 +193,7 @@ def make_controlled_train(
     gap, _, _ = tabular._records(config, z)
     touched = (coef != 0).astype(z.dtype) if config.control == "entropy" else selected
     # What the predictor says about the update actually applied (for every controller).
-    predicted = ctl.pooled_entropy_change(z, new.logits - z, rho, order=order)
+    predicted = ep.pooled_entropy_change(z, new.logits - z, rho, order=order)
     return (new, cstate), (h, gap, coef, predicted, touched, cstate.saturated, cstate.nonfinite)
 
   def block(carry, _):
@@ -212,7 +213,7 @@ def make_controlled_train(
     h, gap, coef, predicted, touched, saturated, nonfinite = out
     z = state.logits
     final_gap, _, _ = tabular._records(config, z)
-    final_h = ctl.pooled_entropy(z, jnp.asarray(config.bandit.rho, z.dtype))
+    final_h = ep.pooled_entropy(z, jnp.asarray(config.bandit.rho, z.dtype))
     goal = path(jnp.arange(config.num_steps + 1)).astype(z.dtype)
     return ControlledResult(
         z, jnp.concatenate([h, final_h[None]]), goal, jnp.concatenate([gap, final_gap[None]]),

@@ -15,6 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 import covrl
 from covrl import bandits, controllers, tabular, tabular_control
+from covrl import entropy_prediction as ep
 
 # ------------------------------------------------------------------------------- NumPy helpers
 
@@ -147,7 +148,7 @@ def test_predictive_hits_the_predicted_target_exactly_for_an_affine_update(solve
     g = np_grad_entropy(z)
 
     def predict(c):
-      return controllers.pooled_entropy_change(jnp.asarray(z), jnp.asarray(dz_pg) + c * g, rho)
+      return ep.pooled_entropy_change(jnp.asarray(z), jnp.asarray(dz_pg) + c * g, rho)
 
     coef, state = ctl.update(ctl.init(), jnp.asarray(h_now), predict)
     # Closed form: f0 = sum_s rho_s (-Cov(log pi_s, dz_pg_s)), slope = sum_s rho_s |grad H_s|^2.
@@ -169,7 +170,7 @@ def test_predictive_second_order_with_bisection_solves_the_quadratic():
     h_now = float(rho @ np_entropy(z)[0])
 
     def predict(c):
-      return controllers.pooled_entropy_change(jnp.asarray(z), jnp.asarray(dz_pg) + c * g, rho,
+      return ep.pooled_entropy_change(jnp.asarray(z), jnp.asarray(dz_pg) + c * g, rho,
                                                order=2)
 
     # On [0, 3] the quadratic prediction rises monotonically (from +0.009 to +0.34).
@@ -183,7 +184,7 @@ def test_predictive_second_order_with_bisection_solves_the_quadratic():
 def test_saturation_instead_of_nan():
   z, dz_pg, rho = _bonus_problem(np.float32)
   g = np_grad_entropy(z)
-  predict = lambda c: controllers.pooled_entropy_change(jnp.asarray(z), dz_pg + c * g, rho)
+  predict = lambda c: ep.pooled_entropy_change(jnp.asarray(z), dz_pg + c * g, rho)
   h_now = float(rho @ np_entropy(z)[0])
   for solver in controllers.SOLVERS:
     # Far above: needs more bonus than c_max gives. Far below: would need a negative bonus.
@@ -228,9 +229,9 @@ def test_update_rejects_bad_inputs():
   with pytest.raises(TypeError, match="floating"):
     ctl.update(ctl.init(), jnp.int32(1), lambda c: c)
   with pytest.raises(ValueError, match="weights"):
-    controllers.pooled_entropy(jnp.zeros((3, 4)), jnp.ones(2))
+    ep.pooled_entropy(jnp.zeros((3, 4)), jnp.ones(2))
   with pytest.raises(ValueError, match="order"):
-    controllers.pooled_entropy_change(jnp.zeros((3, 4)), jnp.zeros((3, 4)), order=3)
+    ep.pooled_entropy_change(jnp.zeros((3, 4)), jnp.zeros((3, 4)), order=3)
 
 
 # ------------------------------------------------------------------------ reactive and PID
@@ -342,8 +343,8 @@ def test_global_statistics_on_eight_devices_equal_one_device():
   ctl = controllers.predictive(1.0, vocab_size=5, coef_range=(0.0, 3.0))
 
   def control(z, d0, grad, m, axis_name):
-    h = controllers.pooled_entropy(z, m, axis_name=axis_name)
-    predict = lambda c: controllers.pooled_entropy_change(z, d0 + c * grad, m,
+    h = ep.pooled_entropy(z, m, axis_name=axis_name)
+    predict = lambda c: ep.pooled_entropy_change(z, d0 + c * grad, m,
                                                           axis_name=axis_name)
     coef, _ = ctl.update(ctl.init(), h, predict)
     return h, predict(0.7), coef
