@@ -10,6 +10,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -503,3 +504,46 @@ def test_affine_shortcut_equals_rerunning_the_step():
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12), *runs)
   with pytest.raises(ValueError, match="affine"):
     tabular_control.make_controlled_train(_sampled(num_minibatches=2), ctl, path, affine=True)
+
+
+def test_controlled_bonus_transform_equals_the_core_bonus_at_the_chosen_coefficient():
+  """With SGD the wrapper's update is covrl.entropy_bonus(c) then sgd, at the c it chose."""
+  with jax.enable_x64(True):
+    z = jnp.asarray([[2.0, 0.5, -1.0, 0.0], [0.3, -0.2, 0.1, 1.5]])
+    g = jnp.asarray([[-0.3, 0.1, 0.1, 0.1], [0.05, -0.2, 0.05, 0.1]])
+    h = float(ep.pooled_entropy(z))
+    ctl = controllers.predictive(h + 0.05, vocab_size=4, coef_range=(0.0, 10.0))
+    opt = controllers.controlled_entropy_bonus(ctl, optax.sgd(0.5))
+    dz, state = opt.update(g, opt.init(z), z)
+    coef = float(state.controller.coef)
+    assert 0 < coef < 10 and not bool(state.controller.saturated)
+    # The core transform's bonus is per state; the pooled (mean over the 2 states) entropy's
+    # gradient is half of it, so the same step needs coef / 2 there.
+    ref = optax.chain(covrl.entropy_bonus(coef / 2), optax.sgd(0.5))
+    expected, _ = ref.update(g, ref.init(z), z)
+    np.testing.assert_allclose(np.asarray(dz), np.asarray(expected), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(float(ep.pooled_entropy_change(z, dz)), 0.05, atol=1e-6)
+    with pytest.raises(ValueError, match="vocab_size"):
+      opt.update(g[:, :3], opt.init(z[:, :3]), z[:, :3])
+
+
+def test_controlled_bonus_with_adam_and_bisection_meets_the_prediction():
+  z = jnp.asarray([1.5, 0.0, -0.5, -1.0, 0.2], jnp.float32)
+  ctl = controllers.predictive(float(covrl.entropy(z)), vocab_size=5, coef_range=(0.0, 5.0),
+                               solver="bisection", num_iters=30)
+  opt = controllers.controlled_entropy_bonus(ctl, optax.adam(0.05))
+  g = jnp.asarray([-0.3, 0.1, 0.1, 0.05, 0.05], jnp.float32)
+  update = jax.jit(opt.update)
+  # Adam's first step is -lr sign(g - c grad H): piecewise constant in c, so it is taken once
+  # here; from the second step on the update is smooth in c and bisection meets the target.
+  dz, state = update(g, opt.init(z), z)
+  z = z + dz
+  ctl_state = state.controller._replace(count=jnp.zeros((), jnp.int32))
+  state = state._replace(controller=ctl_state)
+  ctl = controllers.predictive(float(covrl.entropy(z)) + 0.02, vocab_size=5,
+                               coef_range=(0.0, 5.0), solver="bisection", num_iters=30)
+  opt = controllers.controlled_entropy_bonus(ctl, optax.adam(0.05))
+  dz, state = jax.jit(opt.update)(0.5 * g, state, z)
+  np.testing.assert_allclose(float(ep.pooled_entropy_change(z, dz)), 0.02, atol=1e-5)
+  assert not bool(state.controller.saturated)
+  assert int(state.inner[0].count) == 2  # the wrapped Adam advanced exactly once per update
