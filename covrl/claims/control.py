@@ -285,8 +285,9 @@ def _plot_anneal(m: Measurement, fig) -> None:
   for name in (*KINDS, "none"):
     ax1.plot(s["steps"], s["entropy"][name], label=name)
     ax2.semilogy(s["steps"], np.maximum(s["gap"][name], 1e-6), label=name)
-  ax2.axhline(m.measured["bias_of_mean_coef"], color="k", ls=":",
-              label="T2.7 bias at mean coef")
+  fixed = m.measured["stationary_bias_of_fixed_coef"]
+  ax2.axhline(fixed["bias"], color="k", ls=":",
+              label=f"T2.7 bias of a fixed bonus {fixed['coef']:g}")
   ax1.set_xlabel("step")
   ax1.set_ylabel("entropy")
   ax2.set_xlabel("step")
@@ -379,8 +380,20 @@ def _time(fn, *args, reps: int) -> list[float]:
   return out
 
 
+def _plot_cost(m: Measurement, fig) -> None:
+  ax1, ax2 = fig.subplots(1, 2)
+  names = list(m.measured["step_us"])
+  ax1.bar(names, [m.measured["step_us"][n] for n in names])
+  ax1.set_ylabel("time per run-step (us, median)")
+  ax2.plot(m.series["coef"], label="coefficient (seed 0)")
+  ax2.plot(m.series["touched_frac"], label="fraction of tokens touched (seed 0)")
+  ax2.set_xlabel("step")
+  ax2.legend(fontsize=7)
+
+
 @register("C3", "Cost and sparsity: a predictive step costs at most 1.2x a fixed-coefficient "
-          "step; the fraction of tokens touched", group="control", proof=_proof("C3"))
+          "step; the fraction of tokens touched", group="control", proof=_proof("C3"),
+          plot=_plot_cost)
 def check_cost(size: str, key: jax.Array) -> Measurement:
   num_steps = u.pick(size, 100, 200, 400)
   config = _config(_bandit10(), num_steps)
@@ -424,6 +437,7 @@ def check_cost(size: str, key: jax.Array) -> Measurement:
       f"{per_step['predictive']:.1f} us vs {per_step['fixed']:.1f} us per run-step "
       f"({ratio:.2f}x; {ratio_plain:.2f}x a step without any entropy control); the bonus was on in "
       f"{touched:.0%} of steps (touching all tokens then)",
+      series={"coef": np.asarray(pred.coef[0]), "touched_frac": np.asarray(pred.touched_frac[0])},
       notes="Tabular steps are microseconds, so the ratio measures the controller's arithmetic "
             "against a step that is itself only a gradient of a tiny loss: the predictive "
             "step computes the candidate update at both ends of the range (one vmapped call, "
