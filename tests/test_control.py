@@ -136,7 +136,7 @@ def _bonus_problem(dtype=np.float64):
   return z, dz_pg, rho
 
 
-@pytest.mark.parametrize("solver", ["secant", "newton", "bisection"])
+@pytest.mark.parametrize("solver", ["secant", "newton", "bisection", "grid"])
 @pytest.mark.parametrize("gain", [1.0, 0.5])
 def test_predictive_hits_the_predicted_target_exactly_for_an_affine_update(solver, gain):
   """SGD with a bonus: dz(c) = dz_pg + c grad H, so f(c) = f0 + c |grad H|^2_rho is affine."""
@@ -164,7 +164,9 @@ def test_predictive_hits_the_predicted_target_exactly_for_an_affine_update(solve
     assert int(state.count) == 1
 
 
-def test_predictive_second_order_with_bisection_solves_the_quadratic():
+@pytest.mark.parametrize("solver,kw", [("bisection", {"num_iters": 60}),
+                                       ("grid", {"num_points": 7})])
+def test_predictive_second_order_solves_the_quadratic(solver, kw):
   with jax.enable_x64(True):
     z, dz_pg, rho = _bonus_problem()
     g = np_grad_entropy(z)
@@ -176,9 +178,15 @@ def test_predictive_second_order_with_bisection_solves_the_quadratic():
 
     # On [0, 3] the quadratic prediction rises monotonically (from +0.009 to +0.34).
     ctl = controllers.predictive(h_now + 0.1, vocab_size=4, coef_range=(0.0, 3.0),
-                                 solver="bisection", num_iters=60)
+                                 solver=solver, **kw)
     coef, state = ctl.update(ctl.init(), jnp.asarray(h_now), predict)
-    np.testing.assert_allclose(float(predict(coef)), 0.1, atol=1e-10)
+    if solver == "bisection":
+      np.testing.assert_allclose(float(predict(coef)), 0.1, atol=1e-10)
+    else:
+      # The secant inside a bracket of width 0.5 misses a quadratic by its curvature term:
+      # |f''| / 8 * width^2 with |f''| = |-Var_pi(grad H)|_rho (T1.4) -- here below 1e-3.
+      np.testing.assert_allclose(float(state.predicted), 0.1, atol=1e-12)
+      assert abs(float(predict(coef)) - 0.1) < 1e-3
     assert not bool(state.saturated)
 
 
@@ -204,7 +212,7 @@ def test_flat_prediction_has_no_authority_and_stays_finite():
   assert bool(state.saturated) and not bool(state.nonfinite)
 
 
-@pytest.mark.parametrize("solver", ["secant", "bisection", "newton"])
+@pytest.mark.parametrize("solver", ["secant", "bisection", "grid", "newton"])
 def test_nonfinite_prediction_keeps_the_last_coefficient_and_is_flagged(solver):
   ctl = controllers.predictive(0.5, vocab_size=4, coef_range=(0.0, 1.0), init_coef=0.3,
                                solver=solver)
@@ -547,3 +555,19 @@ def test_controlled_bonus_with_adam_and_bisection_meets_the_prediction():
   np.testing.assert_allclose(float(ep.pooled_entropy_change(z, dz)), 0.02, atol=1e-5)
   assert not bool(state.controller.saturated)
   assert int(state.inner[0].count) == 2  # the wrapped Adam advanced exactly once per update
+
+
+def test_grid_finds_the_first_bracket_of_a_non_monotone_prediction():
+  # f rises then falls (a large step's second-order term): bisection on [0, 10] sees no sign
+  # change at the ends and saturates; the grid finds the crossing on the rising side.
+  f = lambda c: 0.4 * c - 0.05 * c**2  # peak 0.8 at c = 4; f(10) = -1
+  kw = dict(vocab_size=4, coef_range=(0.0, 10.0))
+  grid = controllers.predictive(1.0, solver="grid", num_points=11, **kw)
+  bis = controllers.predictive(1.0, solver="bisection", **kw)
+  h = jnp.float32(0.7)  # desired change 0.3: f(c) = 0.3 at c = 4 -+ sqrt(10)
+  coef, state = grid.update(grid.init(), h, f)
+  # The secant in the bracket [0, 1] gives 0.3 / f(1) = 0.857; the root is 0.838.
+  assert float(coef) == pytest.approx(0.3 / 0.35, rel=1e-5) and not bool(state.saturated)
+  assert abs(float(coef) - (4 - math.sqrt(10))) < 0.03
+  coef, state = bis.update(bis.init(), h, f)
+  assert bool(state.saturated) and float(coef) == 0.0  # f(0) = 0 is nearer 0.3 than f(10)
