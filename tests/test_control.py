@@ -198,10 +198,11 @@ def test_saturation_instead_of_nan():
   for solver in controllers.SOLVERS:
     # Far above: needs more bonus than c_max gives. Far below: would need a negative bonus.
     up = controllers.predictive(math.log(4), vocab_size=4, coef_range=(0.0, 0.1), solver=solver)
-    coef, state = up.update(up.init(), jnp.float32(h_now), predict)
+    coef, state = jax.jit(lambda s, h: up.update(s, h, predict))(up.init(), jnp.float32(h_now))
     assert float(coef) == pytest.approx(0.1) and bool(state.saturated)
     down = controllers.predictive(0.0, vocab_size=4, coef_range=(0.0, 0.1), solver=solver)
-    coef, state = down.update(down.init(), jnp.float32(h_now), predict)
+    coef, state = jax.jit(lambda s, h: down.update(s, h, predict))(down.init(),
+                                                                 jnp.float32(h_now))
     assert float(coef) == 0.0 and bool(state.saturated) and not bool(state.nonfinite)
 
 
@@ -448,7 +449,7 @@ def test_covariance_knobs_run_inside_their_range(control, coef_range, solver):
   extra = dict(ppo_epochs=2, num_minibatches=2, ratio=0.2) if control == "kl_cov" else {}
   if control == "clip_cov":
     extra = dict(ratio=0.2, clip_cov_bounds=(-10.0, 10.0))
-  cfg = _sampled(num_steps=20, control=control, **extra)
+  cfg = _sampled(num_steps=10, control=control, **extra)
   path = controllers.constant_target(1.0)
   ctl = controllers.predictive(path, vocab_size=4, coef_range=coef_range, solver=solver,
                                num_iters=6)
@@ -504,8 +505,8 @@ def test_switch_runs_the_indexed_controller_and_vmaps_over_the_index():
 
 def test_affine_shortcut_equals_rerunning_the_step():
   with jax.enable_x64(True):
-    cfg = _sampled(num_steps=20, dtype="float64")
-    path = controllers.linear_target(math.log(4), 0.6, 15)
+    cfg = _sampled(num_steps=10, dtype="float64")
+    path = controllers.linear_target(math.log(4), 0.6, 10)
     ctl = controllers.predictive(path, vocab_size=4, coef_range=(0.0, 2.0))
     runs = [jax.jit(tabular_control.make_controlled_train(cfg, ctl, path, affine=a))(
         jax.random.key(4)) for a in (True, False)]
