@@ -30,9 +30,9 @@ from covrl.transforms import ControlState, clip_cov, entropy_bonus, kl_cov
 __version__ = "0.1.0"
 
 __all__ = [
-    "LOSS_AGG_MODES",
     "Aggregate",
     "ControlState",
+    "LOSS_AGG_MODES",
     "__version__",
     "abs_zero_grad_at_zero",
     "aggregate",

@@ -4,7 +4,8 @@ Every policy loss takes verl's four [batch, time] arrays: `old_log_prob`, `log_p
 `advantages`, `response_mask`, and returns `(loss, metrics)`. The metrics are a dict of scalars
 with the same keys for every policy loss (so training loops can switch methods freely):
 
-  loss, loss_numerator, loss_denominator   the aggregate (see covrl.aggregation)
+  loss, loss_numerator, loss_denominator   the aggregate (see covrl.aggregation); under
+                    shard_map the returned loss is the device's share and these are global
   approx_kl         mean over valid tokens of log pi_old - log pi (verl's ppo_kl)
   clip_frac         fraction of valid tokens the PPO clip is active on (pg_clipfrac)
   clip_frac_lower   fraction where the dual clip is active (pg_clipfrac_lower)
@@ -98,6 +99,8 @@ def _metrics(
     logits: jax.Array | None = None,
     logit_update: jax.Array | None = None,
 ) -> Metrics:
+  cov, log_ratio = lax.stop_gradient(cov), lax.stop_gradient(log_ratio)
+
   def frac(flag):
     if flag is None:
       return jnp.zeros((), cov.dtype)
@@ -108,9 +111,12 @@ def _metrics(
     cov_max = lax.pmax(cov_max, axis_name)
   any_valid = masked_sum(jnp.ones((), jnp.int32), t.valid, axis_name) > 0
   nonfinite = t.nonfinite if axis_name is None else lax.psum(t.nonfinite, axis_name)
+  value, numerator = aggregate.value, aggregate.numerator
+  if axis_name is not None:  # the returned loss is this device's share; metrics are global
+    value, numerator = lax.psum(value, axis_name), lax.psum(numerator, axis_name)
   out = {
-      "loss": aggregate.value,
-      "loss_numerator": aggregate.numerator,
+      "loss": value,
+      "loss_numerator": numerator,
       "loss_denominator": aggregate.denominator,
       "approx_kl": masked_mean(-log_ratio, t.valid, axis_name),
       "clip_frac": frac(clipped),
@@ -494,5 +500,6 @@ def entropy_bonus_loss(
       denominator_override=denominator, horizon=horizon, axis_name=axis_name,
   )
   loss = -coef.astype(h.value.dtype) * h.value
-  metrics = {"entropy": h.value, "entropy_coef": coef, "nonfinite_tokens": nonfinite}
+  mean_entropy = h.value if axis_name is None else lax.psum(h.value, axis_name)
+  metrics = {"entropy": mean_entropy, "entropy_coef": coef, "nonfinite_tokens": nonfinite}
   return loss, jax.tree.map(lax.stop_gradient, metrics)

@@ -4,9 +4,12 @@ Any optax schedule (a callable `count -> value`) works wherever covrl takes a co
 schedules here are also callables, and in addition they know whether they meet the conditions the
 asymptotic claims assume, so a bad combination fails before anything is compiled:
 
-  step sizes:   sum_t eta_t = inf  and  sum_t eta_t^2 < inf      (Robbins-Monro)
-  coefficient:  beta_t -> 0                                        (vanishing bias)
-  or stronger:  sum_t eta_t beta_t < inf                           (summable bias)
+  step sizes:   sum_t eta_t = inf, and sum_t eta_t^2 < inf for sampled gradients (Robbins-Monro)
+  coefficient:  sum_t eta_t beta_t < inf                             (summable bias)
+
+beta_t -> 0 alone is not enough: proofs/T3_covariance_control.md#T3.4 gives a two-armed bandit
+where a bias of size (t+1)^(-1/2) sends the iterates to the worst arm. The theorem proved there
+also needs eta_t <= 1/(3L), a bound that depends on the problem and is checked by the caller.
 
 For value(t) = v0 (1 + t / t0)^(-p): sum diverges iff p <= 1, square-summable iff p > 1/2,
 vanishes iff p > 0 (or v0 = 0), and sum_t eta_t beta_t < inf iff p_eta + p_beta > 1.
@@ -115,16 +118,26 @@ class AnnealingReport:
   coef_vanishes: bool
   bias_summable: bool
 
+  exact_gradients: bool = False
+
   @property
   def ok(self) -> bool:
-    return self.step_sum_diverges and self.step_square_summable and self.coef_vanishes
+    """The conditions of the theorem in proofs/T3_covariance_control.md#T3.4."""
+    steps = self.step_sum_diverges and (self.exact_gradients or self.step_square_summable)
+    return steps and self.bias_summable
 
 
-def annealing_report(step_size: Any, coef: Any) -> AnnealingReport:
+def annealing_report(step_size: Any, coef: Any, *, exact_gradients: bool = False
+                     ) -> AnnealingReport:
   """Check a step-size schedule and a coefficient schedule against THEORY.md T3.4.
 
   Both must be numbers or covrl PowerDecay schedules (whose decay is known); an arbitrary
   callable raises TypeError, since its limit cannot be read off.
+
+  Args:
+    step_size: eta_t.
+    coef: beta_t, the size of the control's perturbation (a coefficient or a ratio).
+    exact_gradients: True for exact-gradient dynamics, where sum eta_t^2 < inf is not needed.
   """
   eta, beta = as_power_decay(step_size), as_power_decay(coef)
   for name, value, sched in (("step_size", step_size, eta), ("coef", coef, beta)):
@@ -134,19 +147,24 @@ def annealing_report(step_size: Any, coef: Any) -> AnnealingReport:
           "against the annealing conditions."
       )
   bias_summable = beta.init_value == 0 or (eta.power + beta.power > 1)
-  return AnnealingReport(eta.sum_diverges, eta.square_summable, beta.vanishes, bias_summable)
+  return AnnealingReport(eta.sum_diverges, eta.square_summable, beta.vanishes, bias_summable,
+                         exact_gradients)
 
 
-def check_annealing(step_size: Any, coef: Any) -> AnnealingReport:
+def check_annealing(step_size: Any, coef: Any, *, exact_gradients: bool = False
+                    ) -> AnnealingReport:
   """Raise ValueError, naming what fails, unless the pair meets the T3.4 conditions."""
-  report = annealing_report(step_size, coef)
+  report = annealing_report(step_size, coef, exact_gradients=exact_gradients)
   problems = []
   if not report.step_sum_diverges:
     problems.append("step sizes must not be summable (sum eta_t = inf; power <= 1)")
-  if not report.step_square_summable:
-    problems.append("step sizes must be square-summable (sum eta_t^2 < inf; power > 1/2)")
-  if not report.coef_vanishes:
-    problems.append("the coefficient must anneal to 0 (power > 0)")
+  if not (exact_gradients or report.step_square_summable):
+    problems.append("sampled-gradient step sizes must be square-summable (sum eta_t^2 < inf; "
+                    "power > 1/2)")
+  if not report.bias_summable:
+    problems.append(
+        "the coefficient must anneal fast enough that sum_t eta_t beta_t < inf (powers adding up "
+        "to more than 1); beta_t -> 0 alone is not enough (proofs/T3_covariance_control.md#T3.4)")
   if problems:
     raise ValueError(
         f"schedules do not meet the annealing conditions of THEORY.md T3.4: "
