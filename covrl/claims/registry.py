@@ -100,7 +100,7 @@ class Claim:
 
 _REGISTRY: dict[str, Claim] = {}
 # Modules that register claims, imported on first use of the registry (in this order).
-CLAIM_MODULES: list[str] = []
+CLAIM_MODULES: list[str] = ["covrl.claims.transformer"]
 
 
 def register(claim_id: str, title: str, *, group: str, proof: str = "",

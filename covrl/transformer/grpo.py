@@ -185,11 +185,19 @@ def make_optimizer(config: GRPOConfig) -> optax.GradientTransformation:
 
 
 def policy_loss(config: GRPOConfig, model: TransformerPolicy, params, batch: Batch,
-                key: jax.Array, control: ControlArrays, step: jax.Array):
+                key: jax.Array, control: ControlArrays, step: jax.Array,
+                on_policy: jax.Array | bool = False):
   """The loss of one mini-batch under the control method in `control`, and its metrics.
 
   The method is a traced index: `lax.switch` runs only the branch it names (under vmap over
   methods, all branches run and are selected).
+
+  `on_policy` marks an update whose parameters are still the rollout's (the first mini-batch of
+  the first epoch). Its old log-probabilities are then the current ones, exactly: a recomputed
+  log pi_old differs from log pi by float round-off, and KL-Cov's |log pi - log pi_old| has
+  gradient sign(x) * grad log pi, full-size for any x != 0, so round-off would switch the
+  penalty on with a random sign where the theory has it inert (THEORY.md T3.6). The metric
+  "max_abs_log_ratio" still measures against the recomputed values (the round-off itself).
 
   Returns:
     (loss, (metrics, selected)): selected is the [rows, R] mask of tokens Clip-Cov or KL-Cov
@@ -200,7 +208,8 @@ def policy_loss(config: GRPOConfig, model: TransformerPolicy, params, batch: Bat
   logits = raw / tau
   log_prob = sampling.token_log_probs(logits, batch.responses)
   mask, adv = batch.response_mask, batch.advantages
-  args = (batch.old_log_probs, log_prob, adv, mask)
+  old = jnp.where(on_policy, jax.lax.stop_gradient(log_prob), batch.old_log_probs)
+  args = (old, log_prob, adv, mask)
   common = dict(loss_agg_mode=config.loss_agg_mode, logits=logits)
   clip = dict(clip_ratio_low=control.clip_ratio_low, clip_ratio_high=control.clip_ratio_high)
   coef = control.coef_at(step)
@@ -237,17 +246,18 @@ def policy_loss(config: GRPOConfig, model: TransformerPolicy, params, batch: Bat
                                       loss_agg_mode=config.loss_agg_mode)
   uses_coef = control.is_method("entropy") | control.is_method("kl_cov")
   metrics["control_coef"] = jnp.where(uses_coef, coef, 0.0)
-  metrics["touched_frac"] = _touched_fraction(control, log_prob, batch, selected)
+  metrics["touched_frac"] = _touched_fraction(control, log_prob, old, batch, selected)
   log_ratio = jax.lax.stop_gradient(log_prob - batch.old_log_probs)
   metrics["max_abs_log_ratio"] = jnp.max(jnp.where(mask, jnp.abs(log_ratio), 0.0))
   return loss + bonus, (metrics, selected)
 
 
-def _touched_fraction(control: ControlArrays, log_prob, batch: Batch, selected) -> jax.Array:
+def _touched_fraction(control: ControlArrays, log_prob, old, batch: Batch, selected
+                      ) -> jax.Array:
   """Fraction of valid tokens whose loss the control changes (the bonus: all of them)."""
   mask = batch.response_mask
   # Tokens the raised upper clip lets through: A > 0 and 1 + low < ratio <= 1 + high.
-  ratio = jnp.exp(jax.lax.stop_gradient(log_prob - batch.old_log_probs))
+  ratio = jnp.exp(jax.lax.stop_gradient(log_prob - old))
   opened = (batch.advantages > 0) & (ratio > 1 + control.clip_ratio_low) & (
       ratio <= 1 + control.clip_ratio_high)
   flag = jnp.select(
@@ -308,7 +318,16 @@ class Trainer:
     """Initial state: `params` (or a fresh model plus the warm start) and `control`."""
     control = self.config.control if control is None else control
     self.check_control(control)
-    return self._init_jit(key, params, control.arrays())
+    arrays = control.arrays()
+    if self.mesh is not None:
+      # Replicated global inputs: with several processes (jax.distributed), each one passes the
+      # same host values and they become one array over the whole mesh.
+      replicated = NamedSharding(self.mesh, P())
+      key = jax.random.wrap_key_data(jax.device_put(jax.random.key_data(key), replicated))
+      arrays = jax.device_put(arrays, replicated)
+      if params is not None:
+        params = jax.device_put(params, replicated)
+    return self._init_jit(key, params, arrays)
 
   def _shard(self, tree):
     if self.mesh is None:
@@ -349,53 +368,67 @@ class Trainer:
     )
     return rollout, task.score(rollout.prompts, rollout.responses)
 
-  def _step(self, state: TrainState) -> tuple[TrainState, dict[str, jax.Array], StepAux]:
+  def _batch(self, params, key) -> tuple[sampling.Rollout, jax.Array, Batch, jax.Array]:
+    """Rollout, rewards, the update's batch and the old tempered logits."""
     cfg = self.config
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
-    k_rollout, k_update = jax.random.split(key)
-    rollout, rewards = self._rollout(state.params, k_rollout)
+    rollout, rewards = self._rollout(params, key)
     adv = covrl.grpo_advantages(rewards.reshape(cfg.prompts_per_step, cfg.group_size),
                                 normalize_std=cfg.normalize_std).reshape(-1)
     mask = rollout.response_mask
     # Old log-probs recomputed with the training forward pass, at the sampling temperature.
-    old_logits = sampling.response_logits(self.model, state.params, rollout.prompts,
+    old_logits = sampling.response_logits(self.model, params, rollout.prompts,
                                           rollout.responses, cfg.temperature)
     batch = self._shard(Batch(
         rollout.prompts, rollout.responses, mask,
         sampling.token_log_probs(old_logits, rollout.responses),
         jnp.where(mask, adv[:, None], 0.0).astype(old_logits.dtype),
     ))
+    return rollout, rewards, batch, old_logits
+
+  def _update(self, state: TrainState, batch: Batch, key: jax.Array):
+    """PPO epochs over shuffled mini-batches: (params, opt_state, metrics, selected)."""
+    cfg = self.config
 
     def minibatch(carry, inputs):
-      params, opt_state, k_epoch = carry
+      params, opt_state, k_epoch, e = carry
       index, rows = inputs
       mb = self._shard(jax.tree.map(lambda x: x[rows], batch))
       grad_fn = jax.value_and_grad(policy_loss, argnums=2, has_aux=True)
+      on_policy = (index == 0) & (e == 0)
       (_, (metrics, selected)), grads = grad_fn(
           cfg, self.model, params, mb, jax.random.fold_in(k_epoch, index), state.control,
-          state.step)
+          state.step, on_policy)
       updates, opt_state = self.optimizer.update(grads, opt_state, params)
       metrics["grad_norm"] = optax.global_norm(grads)
-      return (optax.apply_updates(params, updates), opt_state, k_epoch), (metrics, selected)
+      return (optax.apply_updates(params, updates), opt_state, k_epoch, e), (metrics, selected)
 
     def epoch(carry, e):
       params, opt_state = carry
-      k_epoch = jax.random.fold_in(k_update, e)
+      k_epoch = jax.random.fold_in(key, e)
       rows = jax.random.permutation(k_epoch, cfg.batch_size).reshape(cfg.num_minibatches, -1)
-      (params, opt_state, _), out = jax.lax.scan(
-          minibatch, (params, opt_state, k_epoch), (jnp.arange(cfg.num_minibatches), rows))
+      (params, opt_state, _, _), out = jax.lax.scan(
+          minibatch, (params, opt_state, k_epoch, e), (jnp.arange(cfg.num_minibatches), rows))
       return (params, opt_state), out
 
     (params, opt_state), (metrics, selected) = jax.lax.scan(
         epoch, (state.params, state.opt_state), jnp.arange(cfg.ppo_epochs))
+    return params, opt_state, metrics, selected
+
+  def _step(self, state: TrainState) -> tuple[TrainState, dict[str, jax.Array], StepAux]:
+    cfg = self.config
+    key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
+    k_rollout, k_update = jax.random.split(key)
+    rollout, rewards, batch, old_logits = self._batch(state.params, k_rollout)
+    params, opt_state, metrics, selected = self._update(state, batch, k_update)
     first = jax.tree.map(lambda m: m[0, 0], metrics)
     metrics = jax.tree.map(lambda m: jnp.mean(m.astype(old_logits.dtype)), metrics)
-    # KL-Cov is inert on an exactly on-policy update (THEORY.md T3.6): how far from on-policy
-    # the first update is, given the recomputed old log-probs.
-    metrics["first_update_max_abs_log_ratio"] = first["max_abs_log_ratio"]
+    # The first update runs exactly on-policy; this is how far the recomputed old log-probs
+    # were from that by round-off alone (see policy_loss).
+    metrics["old_log_prob_roundoff"] = first["max_abs_log_ratio"]
     metrics["first_update_selected_frac"] = first["selected_frac"]
     # The whole step's entropy change on the rollout's contexts and its first-order prediction
     # -Cov(log pi, dz), dz the actual change of the tempered logits (THEORY.md T1.7).
+    mask = rollout.response_mask
     new_logits = sampling.response_logits(self.model, params, rollout.prompts, rollout.responses,
                                           cfg.temperature)
     old_entropy = covrl.entropy(old_logits)

@@ -108,11 +108,13 @@ class _Attention(nn.Module):
   @nn.compact
   def __call__(self, x, cache: LayerCache | None, position):
     cfg = self.config
-    dense = lambda name: nn.DenseGeneral(
+    dense = lambda name, bias=True: nn.DenseGeneral(
         (cfg.num_heads, cfg.head_dim), name=name, param_dtype=jnp.dtype(cfg.param_dtype),
-        kernel_init=nn.initializers.normal(cfg.init_scale),
+        kernel_init=nn.initializers.normal(cfg.init_scale), use_bias=bias,
     )
-    q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # [B, L, H, Dh]
+    # No key bias: it adds q . b to every score of a query, which the softmax ignores, so its
+    # true gradient is 0 and Adam would turn the round-off in it into steps of size lr.
+    q, k, v = dense("query")(x), dense("key", bias=False)(x), dense("value")(x)  # [B, L, H, Dh]
     length = x.shape[1]
     query_pos = position + jnp.arange(length)
     if cache is None:
@@ -219,7 +221,7 @@ class TransformerPolicy(nn.Module):
 def init_params(config: ModelConfig, key: jax.Array) -> Any:
   """Fresh parameters of `TransformerPolicy(config)`, a pytree of arrays."""
   tokens = jnp.zeros((1, config.context_length), jnp.int32)
-  return TransformerPolicy(config).init(key, tokens)["params"]
+  return jax.jit(TransformerPolicy(config).init)(key, tokens)["params"]
 
 
 def num_params(params: Any) -> int:

@@ -147,6 +147,51 @@ def _sample_cached(model, params, prompts, response_length, draw):
   return tokens, log_probs
 
 
+def complete(
+    model: TransformerPolicy,
+    params: Any,
+    tokens: jax.Array,
+    start: jax.Array,
+    key: jax.Array,
+    *,
+    prompt_length: int,
+    temperature: float = 1.0,
+) -> jax.Array:
+  """Sample the response positions at and after `start`, keeping the tokens before it.
+
+  Monte Carlo estimates of Q(s, a) continue a fixed context s = (prompt, y_<t, a) with the
+  policy: pass that context in `tokens` and start = t + 1.
+
+  Args:
+    model, params: the policy.
+    tokens: [B, P + R] ids: the prompt and the first start[b] response tokens (the rest is
+      ignored).
+    start: [B] int, the first response position to sample (0 .. R; R samples nothing).
+    key: PRNG key.
+    prompt_length: P (static).
+    temperature: tau > 0.
+
+  Returns:
+    [B, R] response ids.
+  """
+  _check_temperature(temperature)
+  response_length = tokens.shape[1] - prompt_length
+  if response_length < 1:
+    raise ValueError(f"tokens {tokens.shape} hold no response after {prompt_length} prompt ids.")
+
+  def step(buffer, t):
+    logits = model.apply({"params": params}, buffer)
+    last = jax.lax.dynamic_index_in_dim(logits, prompt_length + t - 1, axis=1, keepdims=False)
+    last = last.astype(jnp.promote_types(last.dtype, jnp.float32)) / temperature
+    drawn = jax.random.categorical(jax.random.fold_in(key, t), last, axis=-1)
+    keep = jax.lax.dynamic_index_in_dim(buffer, prompt_length + t, axis=1, keepdims=False)
+    token = jnp.where(t >= start, drawn.astype(buffer.dtype), keep)
+    return jax.lax.dynamic_update_index_in_dim(buffer, token, prompt_length + t, axis=1), None
+
+  buffer, _ = jax.lax.scan(step, tokens, jnp.arange(response_length))
+  return buffer[:, prompt_length:]
+
+
 def response_logits(
     model: TransformerPolicy, params: Any, prompts: jax.Array, responses: jax.Array,
     temperature: float = 1.0,
