@@ -17,7 +17,7 @@ jax.config.update("jax_enable_x64", True)
 import numpy as np  # noqa: E402
 from jax.experimental import multihost_utils  # noqa: E402
 
-from covrl.transformer import Trainer, lab  # noqa: E402
+from covrl.transformer import Trainer, init_params, lab  # noqa: E402
 
 NUM_STEPS = 2
 
@@ -27,8 +27,10 @@ def main(port: str, process_id: str, out: str) -> None:
                              process_id=int(process_id))
   assert jax.device_count() == 2 and jax.local_device_count() == 1
   mesh = jax.make_mesh((2,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  trainer = Trainer(lab.lab_config("test"), mesh)
-  state = trainer.init(jax.random.key(0))
+  config = lab.lab_config("test")
+  trainer = Trainer(config, mesh)
+  # Fresh parameters (no warm start): what is tested is the distributed step.
+  state = trainer.init(jax.random.key(0), init_params(config.model, jax.random.key(1)))
   responses, rewards = [], []
   for _ in range(NUM_STEPS):
     state, metrics, aux = trainer.step(state)

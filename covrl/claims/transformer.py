@@ -33,9 +33,8 @@ def _seed(key: jax.Array) -> int:
   return int(jax.random.randint(key, (), 0, 2**31 - 1))
 
 
-@functools.lru_cache(maxsize=8)
 def _trainer(size: str) -> Trainer:
-  return Trainer(lab.lab_config(size))
+  return grpo.get_trainer(lab.lab_config(size))
 
 
 @functools.lru_cache(maxsize=8)

@@ -25,7 +25,7 @@ from covrl.transformer.control import (
     kl_cov,
     no_control,
 )
-from covrl.transformer.grpo import GRPOConfig, Trainer, TrainState, make_train
+from covrl.transformer.grpo import GRPOConfig, Trainer, TrainState, get_trainer, make_train
 from covrl.transformer.model import ModelConfig, TransformerPolicy, init_params, num_params
 from covrl.transformer.runner import run_training
 from covrl.transformer.sampling import Rollout, response_logits, sample, token_log_probs
@@ -45,6 +45,7 @@ __all__ = [
     "clip_cov",
     "clip_higher",
     "entropy_bonus",
+    "get_trainer",
     "init_params",
     "kl_cov",
     "lab",

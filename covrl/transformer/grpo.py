@@ -27,6 +27,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -453,6 +454,12 @@ class Trainer:
     return jax.lax.scan(body, state, None, length=num_steps)
 
 
+@functools.lru_cache(maxsize=16)
+def get_trainer(config: GRPOConfig, mesh: jax.sharding.Mesh | None = None) -> Trainer:
+  """The Trainer of `config` (and `mesh`), built once: equal configs share compiled programs."""
+  return Trainer(config, mesh)
+
+
 def make_train(config: GRPOConfig, mesh: jax.sharding.Mesh | None = None):
   """`train(key, params=None) -> (TrainState, metrics)`: a whole GRPO run.
 
@@ -470,7 +477,7 @@ def make_train(config: GRPOConfig, mesh: jax.sharding.Mesh | None = None):
     >>> metrics["reward"].shape
     (2,)
   """
-  trainer = Trainer(config, mesh)
+  trainer = get_trainer(config, mesh)
 
   def train(key: jax.Array, params: Any = None):
     return trainer.run(trainer.init(key, params), config.num_steps)

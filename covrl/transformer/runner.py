@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 
 from covrl.progress import Progress
 from covrl.transformer.control import Control
-from covrl.transformer.grpo import GRPOConfig, Trainer, TrainState
+from covrl.transformer.grpo import GRPOConfig, Trainer, TrainState, get_trainer
 
 _PREFIX = "step_"
 
@@ -141,12 +141,12 @@ def run_training(
     keep: how many of the newest checkpoints to keep (>= 1).
     progress: print a progress line between chunks (to stderr).
     mesh: device mesh for data parallelism (see `Trainer`).
-    trainer: reuse this Trainer (and its compiled programs) for `config`.
+    trainer: the Trainer to run (default: `get_trainer(config, mesh)`, shared by equal configs).
 
   Returns:
     (final state, metrics as NumPy arrays of shape [num_steps]).
   """
-  trainer = Trainer(config, mesh) if trainer is None else trainer
+  trainer = get_trainer(config, mesh) if trainer is None else trainer
   if trainer.config != config:
     raise ValueError("trainer was built for a different config.")
   control = config.control if control is None else control
