@@ -292,10 +292,10 @@ def test_bad_runs_fail_before_compilation(trainer, tmp_path):
   with pytest.raises(ValueError, match="token_ratio_bound"):
     trainer.init(jax.random.key(0), control=kl_cov(0.5))
   with pytest.raises(ValueError, match="chunk_steps"):
-    run_training(CFG, jax.random.key(0), chunk_steps=5, progress=False)
+    run_training(CFG, jax.random.key(0), chunk_steps=7, progress=False)
   mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
   with pytest.raises(ValueError, match="'data' axis"):
     grpo.Trainer(CFG, mesh)
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   with pytest.raises(ValueError, match="split evenly"):
-    grpo.Trainer(dataclasses.replace(CFG, prompts_per_step=1, num_minibatches=1), mesh)
+    grpo.Trainer(dataclasses.replace(CFG, prompts_per_step=1, group_size=4, num_minibatches=1), mesh)

@@ -41,18 +41,31 @@ def _trainer(size: str) -> Trainer:
 def _batch(size: str, seed: int) -> tuple[Any, Batch, jax.Array]:
   """Warm-started parameters, one rollout batch (with old log-probs, raw rewards) at a size."""
   trainer = _trainer(size)
-  cfg = trainer.config
   key = jax.random.key(seed)
   params = trainer.warm_start(jax.random.fold_in(key, 0))
-  rollout, rewards = jax.jit(trainer._rollout)(params, jax.random.fold_in(key, 1))
-  adv = covrl.grpo_advantages(rewards.reshape(cfg.prompts_per_step, cfg.group_size)).reshape(-1)
-  logits = sampling.response_logits(trainer.model, params, rollout.prompts, rollout.responses,
-                                    cfg.temperature)
-  mask = rollout.response_mask
-  batch = Batch(rollout.prompts, rollout.responses, mask,
-                sampling.token_log_probs(logits, rollout.responses),
-                jnp.where(mask, adv[:, None], 0.0).astype(jnp.float32))
+  _, rewards, batch, _ = jax.jit(trainer._batch)(params, jax.random.fold_in(key, 1))
   return params, batch, rewards
+
+
+@functools.lru_cache(maxsize=8)
+def _loss_grad(size: str):
+  """Jitted (params, mini-batch, control, on_policy, key) -> (grad of the GRPO loss, metrics)."""
+  trainer = _trainer(size)
+
+  @jax.jit
+  def grad(params, mb, control, on_policy, key):
+    fn = lambda p: grpo.policy_loss(trainer.config, trainer.model, p, mb, key, control, 0,
+                                    on_policy)
+    g, (metrics, _) = jax.grad(fn, has_aux=True)(params)
+    return g, metrics
+
+  return grad
+
+
+def _halves(batch: Batch) -> tuple[Batch, Batch]:
+  """The first and second mini-batch of a two-way split (the loop's first two updates)."""
+  half = batch.responses.shape[0] // 2
+  return jax.tree.map(lambda x: x[:half], batch), jax.tree.map(lambda x: x[half:], batch)
 
 
 def _to64(tree):
@@ -94,11 +107,9 @@ def _first_order(size: str, key: jax.Array) -> Measurement:
   trainer = _trainer(size)
   cfg = trainer.config
   params, batch, _ = _batch(size, _seed(key))
-  params, batch = _to64(params), _to64(batch)
-  control = ctl.no_control().arrays()
-  # The on-policy GRPO gradient (PPO at ratio 1 is the policy gradient), in float64.
-  grads = jax.jit(jax.grad(lambda p: grpo.policy_loss(cfg, trainer.model, p, batch, key,
-                                                      control, 0, True)[0]))(params)
+  # The loop's first update: the first mini-batch, on-policy, in float64.
+  params, batch = _to64(params), _to64(_halves(batch)[0])
+  grads, _ = _loss_grad(size)(params, batch, ctl.no_control().arrays(), True, key)
   lrs = np.geomspace(1e-3, 1e-5, 5)
   train_lr = cfg.learning_rate
 
@@ -201,7 +212,7 @@ def check_pooled_vs_within_transformer(size: str, key: jax.Array) -> Measurement
   num_rollouts = {"test": 4, "fast": 8, "full": 16}[size]
   q = np.asarray(_mc_q_values(trainer, params, batch, jax.random.key(seed + 1), num_rollouts),
                  np.float64)
-  logits = np.asarray(sampling.response_logits(
+  logits = np.asarray(jax.jit(sampling.response_logits, static_argnums=(0, 4))(
       trainer.model, params, batch.prompts, batch.responses, cfg.temperature), np.float64)
   logp_all = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1,
                                     keepdims=True)) - logits.max(-1, keepdims=True)
@@ -281,18 +292,11 @@ def _kl_cov_on_policy(size: str, key: jax.Array) -> Measurement:
   trainer = _trainer(size)
   cfg = trainer.config
   params32, batch32, _ = _batch(size, _seed(key))
-  params, batch = _to64(params32), _to64(batch32)
-  half = batch.responses.shape[0] // 2
-  first = jax.tree.map(lambda x: x[:half], batch)
-  second = jax.tree.map(lambda x: x[half:], batch)
+  params = _to64(params32)
+  first, second = _halves(_to64(batch32))
   ratio = lab.lab_methods(cfg.num_steps)[5].ratio  # the lab's KL-Cov k
   on, off = ctl.kl_cov(ratio, 1.0).arrays(), ctl.kl_cov(ratio, 0.0).arrays()
-
-  @jax.jit
-  def grad(p, mb, control, on_policy):
-    fn = lambda p: grpo.policy_loss(cfg, trainer.model, p, mb, key, control, 0, on_policy)
-    g, (metrics, _) = jax.grad(fn, has_aux=True)(p)
-    return g, metrics
+  grad = lambda p, mb, control, on_policy: _loss_grad(size)(p, mb, control, on_policy, key)
 
   def rel(a, b):
     diff = _norm(jax.tree.map(lambda x, y: x - y, a, b))
@@ -310,7 +314,7 @@ def _kl_cov_on_policy(size: str, key: jax.Array) -> Measurement:
   second_change = rel(g2, g2_off)
   # What round-off alone does when the first update uses recomputed old log-probs (as a port
   # that recomputes log pi_old without an on-policy shortcut would), in float32.
-  first32 = jax.tree.map(lambda x: x[:half], batch32)
+  first32 = _halves(batch32)[0]
   g_rc, m_rc = grad(params32, first32, on, False)
   g_rc0, _ = grad(params32, first32, off, False)
   roundoff = float(m_rc["max_abs_log_ratio"])
