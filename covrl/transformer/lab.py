@@ -4,7 +4,7 @@
 
   test   a 1-layer, width-32 model on Sort(6, 3), 60 steps at Adam 2e-3 (unit tests, seconds);
   fast   a 2-layer, width-64 model on Sort(8, 4), 16 prompts x 8 responses, 4 mini-batches,
-         Adam 3e-4, 80 steps after a 200-step warm start (CI);
+         Adam 3e-4, 64 steps after a 200-step warm start (CI);
   full   the same for 240 steps (the report);
   gpu    a 4-layer, width-256 model on Sort(16, 8) with 64 prompts x 16 responses and KV-cache
          sampling, 600 steps (for an accelerator).
@@ -66,7 +66,7 @@ def lab_config(size: str = "fast") -> GRPOConfig:
   task = tasks.Sort(num_symbols=8, length=4)
   model = ModelConfig(task.vocab_size, task.context_length, num_layers=2, d_model=64,
                       num_heads=4)
-  return GRPOConfig(task, model, num_steps=80 if size == "fast" else 240, prompts_per_step=16,
+  return GRPOConfig(task, model, num_steps=64 if size == "fast" else 240, prompts_per_step=16,
                     group_size=8, num_minibatches=4, learning_rate=3e-4, token_ratio_bound=0.05,
                     sft=SFTConfig(num_steps=200, batch_size=64))
 

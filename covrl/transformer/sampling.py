@@ -156,6 +156,7 @@ def complete(
     *,
     prompt_length: int,
     temperature: float = 1.0,
+    first: int = 0,
 ) -> jax.Array:
   """Sample the response positions at and after `start`, keeping the tokens before it.
 
@@ -170,6 +171,8 @@ def complete(
     key: PRNG key.
     prompt_length: P (static).
     temperature: tau > 0.
+    first: a static lower bound on `start`: positions before it are never sampled, so the
+      scan starts there (a cheaper call when every row starts late).
 
   Returns:
     [B, R] response ids.
@@ -188,7 +191,7 @@ def complete(
     token = jnp.where(t >= start, drawn.astype(buffer.dtype), keep)
     return jax.lax.dynamic_update_index_in_dim(buffer, token, prompt_length + t, axis=1), None
 
-  buffer, _ = jax.lax.scan(step, tokens, jnp.arange(response_length))
+  buffer, _ = jax.lax.scan(step, tokens, jnp.arange(first, response_length))
   return buffer[:, prompt_length:]
 
 
