@@ -298,4 +298,5 @@ def test_bad_runs_fail_before_compilation(trainer, tmp_path):
     grpo.Trainer(CFG, mesh)
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
   with pytest.raises(ValueError, match="split evenly"):
-    grpo.Trainer(dataclasses.replace(CFG, prompts_per_step=1, group_size=4, num_minibatches=1), mesh)
+    grpo.Trainer(dataclasses.replace(CFG, prompts_per_step=1, group_size=4, num_minibatches=1),
+                 mesh)

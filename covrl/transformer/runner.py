@@ -29,7 +29,6 @@ from typing import Any
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 
 from covrl.progress import Progress
 from covrl.transformer.control import Control
@@ -61,6 +60,8 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainState, metrics: di
   if tmp.exists():
     shutil.rmtree(tmp)
   tmp.mkdir()
+  import orbax.checkpoint as ocp  # a heavy import, needed only when checkpointing
+
   checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(tmp / "state", state)
   checkpointer.wait_until_finished()
@@ -100,6 +101,8 @@ def load_checkpoint(directory: str | os.PathLike, like: TrainState, fingerprint:
     raise ValueError(
         f"the checkpoint in {path} was written by a different run (config, control or key); "
         "use another checkpoint_dir or delete it.")
+  import orbax.checkpoint as ocp  # a heavy import, needed only when checkpointing
+
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
   checkpointer = ocp.StandardCheckpointer()
   state = checkpointer.restore(path / "state", abstract)
