@@ -1,6 +1,6 @@
 """The transformer lab: a small Flax policy trained with GRPO on verifiable-reward tasks.
 
-Entropy control (entropy bonus, clip-higher, Clip-Cov, KL-Cov) in a real sequence policy:
+Entropy control (entropy bonus, clip-higher, Clip-Cov, KL-Cov: `control`) in a real sequence policy:
 a decoder-only transformer (`TransformerPolicy`), tasks with verifiable rewards (`tasks`),
 temperature sampling (`sample`), a supervised warm start (`SFTConfig`) and a GRPO loop
 (`make_train`, `Trainer`, `run_training` for long runs with checkpoints).
@@ -8,23 +8,16 @@ temperature sampling (`sample`), a supervised warm start (`SFTConfig`) and a GRP
 Example:
   >>> import jax
   >>> from covrl import transformer as tf
-  >>> config = tf.GRPOConfig(tf.tasks.Sort(6, 3), control=tf.kl_cov(2e-3), num_steps=2, sft=None)
+  >>> config = tf.GRPOConfig(tf.tasks.Sort(6, 3), control=tf.control.kl_cov(2e-3), num_steps=2,
+  ...                        sft=None)
   >>> state, metrics = tf.make_train(config)(jax.random.key(0))
   >>> sorted(metrics)[:3]
   ['approx_kl', 'clip_frac', 'clip_frac_lower']
 """
 
-from covrl.transformer import lab, tasks
+from covrl.transformer import control, lab, tasks
 from covrl.transformer.bench import benchmark
-from covrl.transformer.control import (
-    METHODS,
-    Control,
-    clip_cov,
-    clip_higher,
-    entropy_bonus,
-    kl_cov,
-    no_control,
-)
+from covrl.transformer.control import METHODS, Control
 from covrl.transformer.grpo import GRPOConfig, Trainer, TrainState, get_trainer, make_train
 from covrl.transformer.model import ModelConfig, TransformerPolicy, init_params, num_params
 from covrl.transformer.runner import run_training
@@ -42,15 +35,11 @@ __all__ = [
     "Trainer",
     "TransformerPolicy",
     "benchmark",
-    "clip_cov",
-    "clip_higher",
-    "entropy_bonus",
+    "control",
     "get_trainer",
     "init_params",
-    "kl_cov",
     "lab",
     "make_train",
-    "no_control",
     "num_params",
     "response_logits",
     "run_training",
