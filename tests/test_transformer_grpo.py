@@ -19,21 +19,17 @@ from covrl.transformer import (
   GRPOConfig,
   ModelConfig,
   SFTConfig,
-  clip_cov,
-  clip_higher,
-  entropy_bonus,
   get_trainer,
   grpo,
   init_params,
-  kl_cov,
   lab,
   make_train,
-  no_control,
   run_training,
   runner,
   sampling,
   tasks,
 )
+from covrl.transformer.control import clip_cov, clip_higher, entropy_bonus, kl_cov, no_control
 
 CFG = lab.lab_config("test")  # the claims' test size: its compiled programs are shared
 
