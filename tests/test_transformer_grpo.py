@@ -66,34 +66,41 @@ def test_same_key_same_result_and_keys_matter(trainer, warm):
 def test_policy_loss_is_covrls_loss_for_each_method(trainer, warm):
   """The switch over methods computes exactly the covrl loss each method names."""
   cfg = trainer.config
-  _, _, batch, _ = jax.jit(trainer._batch)(warm, jax.random.key(3))
+  _, _, batch, _ = trainer.batch(warm, jax.random.key(3))
   key = jax.random.key(4)
   # An off-policy batch: old log-probs moved, so ratios and clipping are non-trivial.
   batch = batch._replace(old_log_probs=batch.old_log_probs + 0.3 * jax.random.normal(
       jax.random.key(5), batch.old_log_probs.shape))
   loss_fn = jax.jit(lambda control, step: grpo.policy_loss(
       cfg, trainer.model, warm, batch, key, control, step))
-  raw = sampling.response_logits(trainer.model, warm, batch.prompts, batch.responses)
+  raw = jax.jit(sampling.response_logits, static_argnums=0)(
+      trainer.model, warm, batch.prompts, batch.responses)
   logits = raw / cfg.temperature
   logp = sampling.token_log_probs(logits, batch.responses)
   args = (batch.old_log_probs, logp, batch.advantages, batch.response_mask)
   step = 7
   anneal = schedules.inverse_time(0.5, 2.0)
-  cases = {
-      "none": (no_control(), covrl.ppo_loss(*args, clip_ratio_c=3.0)[0]),
-      "clip_higher": (clip_higher(0.2, 0.28), covrl.ppo_loss(
-          *args, clip_ratio_low=0.2, clip_ratio_high=0.28, clip_ratio_c=3.0)[0]),
-      "entropy": (entropy_bonus(anneal), covrl.ppo_loss(*args, clip_ratio_c=3.0)[0]
-                  + covrl.entropy_bonus_loss(raw, batch.response_mask, coef=anneal,
-                                             step=step, temperature=cfg.temperature)[0]),
-      "kl_cov": (kl_cov(0.05, anneal), covrl.kl_cov_loss(
-          *args, kl_cov_ratio=0.05, kl_coef=anneal(step))[0]),
-      "clip_cov": (clip_cov(0.05, 0.0, 5.0), covrl.clip_cov_loss(
-          key, *args, clip_cov_ratio=0.05, clip_cov_lb=0.0, clip_cov_ub=5.0)[0]),
-  }
-  for name, (control, want) in cases.items():
+
+  @jax.jit
+  def references(args, raw, key):
+    return {
+        "none": covrl.ppo_loss(*args, clip_ratio_c=3.0)[0],
+        "clip_higher": covrl.ppo_loss(*args, clip_ratio_low=0.2, clip_ratio_high=0.28,
+                                      clip_ratio_c=3.0)[0],
+        "entropy": covrl.ppo_loss(*args, clip_ratio_c=3.0)[0] + covrl.entropy_bonus_loss(
+            raw, args[3], coef=anneal, step=step, temperature=cfg.temperature)[0],
+        "kl_cov": covrl.kl_cov_loss(*args, kl_cov_ratio=0.05, kl_coef=anneal(step))[0],
+        "clip_cov": covrl.clip_cov_loss(key, *args, clip_cov_ratio=0.05, clip_cov_lb=0.0,
+                                        clip_cov_ub=5.0)[0],
+    }
+
+  want = references(args, raw, key)
+  controls = {"none": no_control(), "clip_higher": clip_higher(0.2, 0.28),
+              "entropy": entropy_bonus(anneal), "kl_cov": kl_cov(0.05, anneal),
+              "clip_cov": clip_cov(0.05, 0.0, 5.0)}
+  for name, control in controls.items():
     loss, (metrics, selected) = loss_fn(control.arrays(), step)
-    np.testing.assert_allclose(loss, want, rtol=1e-5, err_msg=name)
+    np.testing.assert_allclose(loss, want[name], rtol=1e-5, err_msg=name)
     if name in ("kl_cov", "clip_cov"):
       assert 0 < float(metrics["selected_frac"]) <= 0.05 + 1.0 / batch.responses.size
       assert int(selected.sum()) > 0
@@ -106,16 +113,6 @@ def test_policy_loss_is_covrls_loss_for_each_method(trainer, warm):
   h = -np.sum(p * np.log(p), -1)
   mask = np.asarray(batch.response_mask)
   np.testing.assert_allclose(metrics["entropy"], h[mask].mean(), rtol=1e-5)
-
-
-def test_make_train_returns_metrics_per_step(trainer, warm):
-  state, metrics = make_train(CFG)(jax.random.key(5), warm)
-  assert int(state.step) == CFG.num_steps
-  for name in ("reward", "entropy", "selected_frac", "clip_frac", "touched_frac", "approx_kl",
-               "entropy_change", "entropy_change_predicted", "old_log_prob_roundoff"):
-    assert metrics[name].shape == (CFG.num_steps,), name
-    assert np.all(np.isfinite(metrics[name])), name
-  assert np.all((metrics["reward"] >= 0) & (metrics["reward"] <= 1))
 
 
 class _Interrupted:
@@ -137,6 +134,12 @@ class _Interrupted:
 def test_resume_after_interrupt_equals_uninterrupted_run(trainer, warm, tmp_path):
   key = jax.random.key(5)
   reference, ref_metrics = make_train(CFG)(key, warm)  # one compiled scan over all steps
+  assert int(reference.step) == CFG.num_steps
+  for name in ("reward", "entropy", "selected_frac", "clip_frac", "touched_frac", "approx_kl",
+               "entropy_change", "entropy_change_predicted", "old_log_prob_roundoff"):
+    assert ref_metrics[name].shape == (CFG.num_steps,), name
+    assert np.all(np.isfinite(ref_metrics[name])), name
+  assert np.all((ref_metrics["reward"] >= 0) & (ref_metrics["reward"] <= 1))
   chunk = CFG.num_steps // 2
   with pytest.raises(KeyboardInterrupt):
     run_training(CFG, key, params=warm, chunk_steps=chunk, checkpoint_dir=tmp_path,

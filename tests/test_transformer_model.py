@@ -64,7 +64,7 @@ def test_float64_parameters_compute_in_float64(model_and_params):
   model, params = model_and_params
   with jax.enable_x64(True):
     p64 = jax.tree.map(lambda x: x.astype(jnp.float64), params)
-    out = model.apply({"params": p64}, jnp.zeros((1, 9), jnp.int32))
+    out = jax.jit(model.apply)({"params": p64}, jnp.zeros((1, 9), jnp.int32))
     assert out.dtype == jnp.float64
 
 

@@ -50,7 +50,7 @@ def benchmark(config: GRPOConfig | str = "fast", *, repeats: int = 5, seed: int 
   state = trainer.init(key, params)
   k_rollout, k_update = jax.random.split(jax.random.fold_in(key, 1))
   compile_rollout, rollout_s = _timed(trainer._rollout, (params, k_rollout), repeats)
-  _, _, batch, _ = jax.jit(trainer._batch)(params, k_rollout)
+  _, _, batch, _ = trainer.batch(params, k_rollout)
   compile_update, update_s = _timed(trainer._update, (state, batch, k_update), repeats)
   compile_step, step_s = _timed(trainer._step, (state,), repeats)
   task = config.task

@@ -269,7 +269,7 @@ def _touched_fraction(control: ControlArrays, log_prob, old, batch: Batch, selec
 
 
 class Trainer:
-  """The compiled pieces of a GRPO run: `init`, `step` and `run` (each jitted, each pure).
+  """The compiled pieces of a GRPO run: `init`, `step`, `run` (and `rollout`, `batch`), jitted.
 
   `make_train` composes them; `covrl.transformer.run_training` calls `run` in chunks, for
   progress and checkpoints. Step t draws its randomness from fold_in(key, t), so a run gives the
@@ -300,6 +300,8 @@ class Trainer:
     self._sft = None if sft is None or sft.num_steps == 0 else make_sft(
         self.model, config.task, sft)
     self._init_jit = jax.jit(self._init)
+    self.rollout = jax.jit(self._rollout)
+    self.batch = jax.jit(self._batch)
     self.step = jax.jit(self._step)
     self.run = jax.jit(self._run, static_argnums=(1, 2))
     self.warm_start = jax.jit(self._warm_start)
@@ -454,9 +456,13 @@ class Trainer:
     return jax.lax.scan(body, state, None, length=num_steps)
 
 
-@functools.lru_cache(maxsize=16)
 def get_trainer(config: GRPOConfig, mesh: jax.sharding.Mesh | None = None) -> Trainer:
   """The Trainer of `config` (and `mesh`), built once: equal configs share compiled programs."""
+  return _cached_trainer(config, mesh)
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_trainer(config: GRPOConfig, mesh: jax.sharding.Mesh | None) -> Trainer:
   return Trainer(config, mesh)
 
 

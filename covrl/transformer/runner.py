@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from covrl.progress import Progress
@@ -107,6 +108,10 @@ def load_checkpoint(directory: str | os.PathLike, like: TrainState, fingerprint:
   checkpointer = ocp.StandardCheckpointer()
   state = checkpointer.restore(path / "state", abstract)
   checkpointer.close()
+  # Match `like` leaf by leaf: an array restored committed to a device where `like` was not
+  # would make the compiled step recompile (jit's cache key includes commitment).
+  state = jax.tree.map(lambda x, ref: jax.device_put(x, ref.sharding) if ref.committed
+                       else jnp.asarray(np.asarray(x)), state, like)
   with np.load(path / "metrics.npz") as data:
     metrics = {k: data[k] for k in data.files}
   return TrainState(*state), metrics
