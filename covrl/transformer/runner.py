@@ -183,7 +183,8 @@ def run_training(
   done = int(state.step)
   bar = Progress(num_steps, label=f"GRPO {control.label}",
                  stream=sys.stderr if progress else None)
-  bar.update(done)
+  if done:
+    bar.update(done, note="resumed from a checkpoint")
   chunks = 0
   while done < num_steps:
     state, metrics = trainer.run(state, chunk_steps)
