@@ -39,6 +39,9 @@ LAB_SIZES: tuple[str, ...] = ("test", "fast", "full", "gpu")
 # Two-sided 95% Student t quantiles by degrees of freedom (NumPy has no t distribution).
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
+# One-sided 95% quantiles, for paired differences against the uncontrolled run.
+_T95 = {1: 6.314, 2: 2.920, 3: 2.353, 4: 2.132, 5: 2.015, 6: 1.943, 7: 1.895, 8: 1.860,
+        9: 1.833, 10: 1.812, 15: 1.753, 20: 1.725, 30: 1.697}
 
 
 def _check_size(size: str) -> None:
@@ -74,7 +77,7 @@ def lab_config(size: str = "fast") -> GRPOConfig:
 def lab_num_seeds(size: str) -> int:
   """Seeds per method in the comparison."""
   _check_size(size)
-  return {"test": 2, "fast": 2, "full": 3, "gpu": 4}[size]
+  return {"test": 3, "fast": 2, "full": 4, "gpu": 4}[size]
 
 
 def lab_methods(num_steps: int) -> tuple[ctl.Control, ...]:
@@ -118,6 +121,12 @@ class Comparison:
     tail = max(1, round(frac * values.shape[1]))
     return values[:, -tail:].mean(axis=1)
 
+  def paired(self, label: str, name: str, base: str = "none") -> tuple[float, float]:
+    """Mean over seeds of final `name` of `label` minus `base` (same seed: same warm start and
+    RL key), and its one-sided 95% lower bound."""
+    diff = self.final(label, name) - self.final(base, name)
+    return float(diff.mean()), paired_lower95(diff)
+
   def table(self) -> list[dict[str, Any]]:
     """One row per method: final reward and entropy (means, 95% t-intervals), tokens touched,
     clip fraction and wall time per run."""
@@ -133,6 +142,16 @@ class Comparison:
           "seconds_per_run": float(self.seconds[label].mean()),
       })
     return rows
+
+
+def paired_lower95(values: np.ndarray) -> float:
+  """One-sided 95% Student t lower bound of the mean of paired differences (nan for n < 2)."""
+  values = np.asarray(values, np.float64)
+  n = values.size
+  if n < 2:
+    return float("nan")
+  t = _T95[max(k for k in _T95 if k <= n - 1)]
+  return float(values.mean() - t * values.std(ddof=1) / np.sqrt(n))
 
 
 def ci95(values: np.ndarray) -> float:
