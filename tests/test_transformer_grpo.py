@@ -30,6 +30,7 @@ from covrl.transformer import (
   tasks,
 )
 from covrl.transformer.control import clip_cov, clip_higher, entropy_bonus, kl_cov, no_control
+from covrl.transformer.loss import policy_loss
 
 CFG = lab.lab_config("test")  # the claims' test size: its compiled programs are shared
 
@@ -71,7 +72,7 @@ def test_policy_loss_is_covrls_loss_for_each_method(trainer, warm):
   # An off-policy batch: old log-probs moved, so ratios and clipping are non-trivial.
   batch = batch._replace(old_log_probs=batch.old_log_probs + 0.3 * jax.random.normal(
       jax.random.key(5), batch.old_log_probs.shape))
-  loss_fn = jax.jit(lambda control, step: grpo.policy_loss(
+  loss_fn = jax.jit(lambda control, step: policy_loss(
       cfg, trainer.model, warm, batch, key, control, step))
   raw = jax.jit(sampling.response_logits, static_argnums=0)(
       trainer.model, warm, batch.prompts, batch.responses)

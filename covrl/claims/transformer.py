@@ -23,7 +23,8 @@ import covrl
 from covrl.claims.registry import Measurement, register
 from covrl.transformer import control as ctl
 from covrl.transformer import grpo, lab, sampling
-from covrl.transformer.grpo import Batch, Trainer
+from covrl.transformer.grpo import Trainer
+from covrl.transformer.loss import Batch, policy_loss
 
 _T1 = "proofs/T1_entropy_covariance.md"
 _T3 = "proofs/T3_covariance_control.md"
@@ -54,7 +55,7 @@ def _loss_grad(size: str):
 
   @jax.jit
   def grad(params, mb, control, on_policy, key):
-    fn = lambda p: grpo.policy_loss(trainer.config, trainer.model, p, mb, key, control, 0,
+    fn = lambda p: policy_loss(trainer.config, trainer.model, p, mb, key, control, 0,
                                     on_policy)
     g, (metrics, _) = jax.grad(fn, has_aux=True)(params)
     return g, metrics

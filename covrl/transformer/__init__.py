@@ -17,8 +17,9 @@ Example:
 
 from covrl.transformer import control, lab, tasks
 from covrl.transformer.bench import benchmark
+from covrl.transformer.config import GRPOConfig
 from covrl.transformer.control import METHODS, Control
-from covrl.transformer.grpo import GRPOConfig, Trainer, TrainState, get_trainer, make_train
+from covrl.transformer.grpo import Trainer, TrainState, get_trainer, make_train
 from covrl.transformer.model import ModelConfig, TransformerPolicy, init_params, num_params
 from covrl.transformer.runner import run_training
 from covrl.transformer.sampling import Rollout, response_logits, sample, token_log_probs

@@ -12,7 +12,8 @@ import time
 import jax
 import numpy as np
 
-from covrl.transformer.grpo import GRPOConfig, Trainer
+from covrl.transformer.config import GRPOConfig
+from covrl.transformer.grpo import Trainer
 from covrl.transformer.lab import lab_config
 from covrl.transformer.model import init_params, num_params
 

@@ -26,7 +26,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, NamedTuple
 
@@ -37,116 +36,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import covrl
-from covrl import losses as _losses
 from covrl.transformer import sampling
-from covrl.transformer.control import Control, ControlArrays, check_number, no_control
-from covrl.transformer.model import ModelConfig, TransformerPolicy, init_params
-from covrl.transformer.sft import SFTConfig, make_sft
-from covrl.transformer.tasks import Task
-
-
-def _count(name: str, value: Any, minimum: int = 1) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
-
-
-@dataclasses.dataclass(frozen=True)
-class GRPOConfig:
-  """A GRPO run.
-
-  Attributes:
-    task: the task (covrl.transformer.tasks).
-    model: the policy's shape; None gives the default ModelConfig sized to the task.
-    control: the entropy-control method (covrl.transformer.control).
-    num_steps: GRPO steps (rollout + update).
-    prompts_per_step: prompts per step; the batch has prompts_per_step * group_size responses.
-    group_size: responses per prompt G (>= 2 for group-normalised advantages).
-    temperature: sampling temperature tau; old log-probs, losses and entropies use z / tau too.
-    ppo_epochs: passes over each batch.
-    num_minibatches: optimizer steps per epoch (must divide the batch).
-    learning_rate: Adam step size.
-    max_grad_norm: global-norm gradient clip (None: off).
-    loss_agg_mode: covrl aggregation mode (verl's names).
-    normalize_std: divide advantages by the group std (GRPO) or not (Dr. GRPO).
-    dual_clip: dual-clip bound c > 1 of the PPO-clipped methods (verl: 3.0; None: off).
-    token_ratio_bound: static upper bound on the token ratio of Clip-Cov / KL-Cov this run's
-      compiled program can take (sizes the selection buffer); None: the control's own ratio.
-    kv_cache: sample with the key/value cache instead of recomputing (see sampling.sample).
-    sft: the supervised warm start (None: start from the random initialisation).
-  """
-
-  task: Task
-  model: ModelConfig | None = None
-  control: Control = dataclasses.field(default_factory=no_control)
-  num_steps: int = 100
-  prompts_per_step: int = 16
-  group_size: int = 8
-  temperature: float = 1.0
-  ppo_epochs: int = 1
-  num_minibatches: int = 2
-  learning_rate: float = 1e-3
-  max_grad_norm: float | None = 1.0
-  loss_agg_mode: str = "token-mean"
-  normalize_std: bool = True
-  dual_clip: float | None = 3.0
-  token_ratio_bound: float | None = None
-  kv_cache: bool = False
-  sft: SFTConfig | None = dataclasses.field(default_factory=SFTConfig)
-
-  def __post_init__(self):
-    if not isinstance(self.task, Task):
-      raise TypeError(f"task must be a covrl.transformer task, got {type(self.task).__name__}.")
-    if self.model is None:
-      object.__setattr__(self, "model", ModelConfig(
-          vocab_size=self.task.vocab_size, context_length=self.task.context_length))
-    if not isinstance(self.model, ModelConfig):
-      raise TypeError(f"model must be a ModelConfig, got {type(self.model).__name__}.")
-    if self.model.vocab_size < self.task.vocab_size:
-      raise ValueError(f"model vocab_size={self.model.vocab_size} is smaller than the task's "
-                       f"vocabulary ({self.task.vocab_size}).")
-    if self.model.context_length < self.task.context_length:
-      raise ValueError(f"model context_length={self.model.context_length} is shorter than the "
-                       f"task's prompt + response ({self.task.context_length}).")
-    if not isinstance(self.control, Control):
-      raise TypeError(f"control must be a Control, got {type(self.control).__name__}.")
-    _count("num_steps", self.num_steps, 0)
-    _count("prompts_per_step", self.prompts_per_step)
-    _count("group_size", self.group_size, 2)
-    check_number("temperature", self.temperature, strict=True)
-    _count("ppo_epochs", self.ppo_epochs)
-    _count("num_minibatches", self.num_minibatches)
-    if self.batch_size % self.num_minibatches:
-      raise ValueError(f"num_minibatches={self.num_minibatches} must divide the batch of "
-                       f"{self.batch_size} responses.")
-    check_number("learning_rate", self.learning_rate, strict=True)
-    if self.max_grad_norm is not None:
-      check_number("max_grad_norm", self.max_grad_norm, strict=True)
-    if self.loss_agg_mode not in covrl.LOSS_AGG_MODES:
-      raise ValueError(f"unknown loss_agg_mode {self.loss_agg_mode!r}; choose one of "
-                       f"{covrl.LOSS_AGG_MODES}.")
-    if self.dual_clip is not None:
-      check_number("dual_clip", self.dual_clip, low=1.0, strict=True)
-    if self.token_ratio_bound is not None:
-      check_number("token_ratio_bound", self.token_ratio_bound)
-      if self.token_ratio_bound > 1:
-        raise ValueError(f"token_ratio_bound must be <= 1, got {self.token_ratio_bound!r}.")
-      if self.control.ratio > self.token_ratio_bound:
-        raise ValueError(f"control ratio {self.control.ratio} exceeds token_ratio_bound="
-                         f"{self.token_ratio_bound}.")
-    if self.sft is not None and not isinstance(self.sft, SFTConfig):
-      raise TypeError(f"sft must be an SFTConfig or None, got {type(self.sft).__name__}.")
-
-  @property
-  def batch_size(self) -> int:
-    return self.prompts_per_step * self.group_size
-
-  @property
-  def minibatch_size(self) -> int:
-    return self.batch_size // self.num_minibatches
-
-  @property
-  def ratio_bound(self) -> float:
-    return self.control.ratio if self.token_ratio_bound is None else self.token_ratio_bound
+from covrl.transformer.config import GRPOConfig
+from covrl.transformer.control import Control, ControlArrays
+from covrl.transformer.loss import Batch, policy_loss
+from covrl.transformer.model import TransformerPolicy, init_params
+from covrl.transformer.sft import make_sft
 
 
 class TrainState(NamedTuple):
@@ -157,16 +52,6 @@ class TrainState(NamedTuple):
   control: ControlArrays
   key: jax.Array
   step: jax.Array
-
-
-class Batch(NamedTuple):
-  """What the update needs from a rollout: one row per response, one column per token."""
-
-  prompts: jax.Array
-  responses: jax.Array
-  response_mask: jax.Array
-  old_log_probs: jax.Array
-  advantages: jax.Array
 
 
 class StepAux(NamedTuple):
@@ -183,89 +68,6 @@ def make_optimizer(config: GRPOConfig) -> optax.GradientTransformation:
   if config.max_grad_norm is None:
     return adam
   return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adam)
-
-
-def policy_loss(config: GRPOConfig, model: TransformerPolicy, params, batch: Batch,
-                key: jax.Array, control: ControlArrays, step: jax.Array,
-                on_policy: jax.Array | bool = False):
-  """The loss of one mini-batch under the control method in `control`, and its metrics.
-
-  The method is a traced index: `lax.switch` runs only the branch it names (under vmap over
-  methods, all branches run and are selected).
-
-  `on_policy` marks an update whose parameters are still the rollout's (the first mini-batch of
-  the first epoch). Its old log-probabilities are then the current ones, exactly: a recomputed
-  log pi_old differs from log pi by float round-off, and KL-Cov's |log pi - log pi_old| has
-  gradient sign(x) * grad log pi, full-size for any x != 0, so round-off would switch the
-  penalty on with a random sign where the theory has it inert (THEORY.md T3.6). The metric
-  "max_abs_log_ratio" still measures against the recomputed values (the round-off itself).
-
-  Returns:
-    (loss, (metrics, selected)): selected is the [rows, R] mask of tokens Clip-Cov or KL-Cov
-    acted on (all False for the other methods).
-  """
-  tau, bound = config.temperature, config.ratio_bound
-  raw = sampling.response_logits(model, params, batch.prompts, batch.responses, 1.0)
-  logits = raw / tau
-  log_prob = sampling.token_log_probs(logits, batch.responses)
-  mask, adv = batch.response_mask, batch.advantages
-  old = jnp.where(on_policy, jax.lax.stop_gradient(log_prob), batch.old_log_probs)
-  args = (old, log_prob, adv, mask)
-  common = dict(loss_agg_mode=config.loss_agg_mode, logits=logits)
-  clip = dict(clip_ratio_low=control.clip_ratio_low, clip_ratio_high=control.clip_ratio_high)
-  coef = control.coef_at(step)
-  no_selection = jnp.zeros(log_prob.shape, bool)
-
-  def ppo():
-    loss, metrics = covrl.ppo_loss(*args, clip_ratio_c=config.dual_clip, **clip, **common)
-    return loss, metrics, no_selection
-
-  def clip_cov():
-    # Select here rather than inside clip_cov_loss, to return the mask; the loss then uses it.
-    # As in the reference, tokens the PPO clip already clips are not candidates.
-    cov = covrl.token_covariance(log_prob, adv, mask)
-    _, ratio = _losses._ratio(_losses._tokens(*args))
-    _, clipped = _losses._clipped_surrogate(adv, ratio, control.clip_ratio_low,
-                                            control.clip_ratio_high)
-    selected = covrl.clip_cov_select(
-        key, cov, mask, ratio=control.ratio, lb=control.clip_cov_lb, ub=control.clip_cov_ub,
-        eligible=~clipped, max_ratio=bound,
-    )
-    loss, metrics = covrl.clip_cov_loss(None, *args, selected=selected, **clip, **common)
-    return loss, metrics, selected
-
-  def kl_cov():
-    cov = covrl.token_covariance(log_prob, adv, mask)
-    selected = covrl.kl_cov_select(cov, mask, ratio=control.ratio, max_ratio=bound)
-    loss, metrics = covrl.kl_cov_loss(*args, kl_coef=coef, selected=selected, **common)
-    return loss, metrics, selected
-
-  branch = jnp.asarray([0, 0, 0, 1, 2], jnp.int32)[control.method]
-  loss, metrics, selected = jax.lax.switch(branch, [ppo, clip_cov, kl_cov])
-  bonus_coef = jnp.where(control.is_method("entropy"), coef, 0.0)
-  bonus, _ = covrl.entropy_bonus_loss(raw, mask, coef=bonus_coef, temperature=tau,
-                                      loss_agg_mode=config.loss_agg_mode)
-  uses_coef = control.is_method("entropy") | control.is_method("kl_cov")
-  metrics["control_coef"] = jnp.where(uses_coef, coef, 0.0)
-  metrics["touched_frac"] = _touched_fraction(control, log_prob, old, batch, selected)
-  log_ratio = jax.lax.stop_gradient(log_prob - batch.old_log_probs)
-  metrics["max_abs_log_ratio"] = jnp.max(jnp.where(mask, jnp.abs(log_ratio), 0.0))
-  return loss + bonus, (metrics, selected)
-
-
-def _touched_fraction(control: ControlArrays, log_prob, old, batch: Batch, selected
-                      ) -> jax.Array:
-  """Fraction of valid tokens whose loss the control changes (the bonus: all of them)."""
-  mask = batch.response_mask
-  # Tokens the raised upper clip lets through: A > 0 and 1 + low < ratio <= 1 + high.
-  ratio = jnp.exp(jax.lax.stop_gradient(log_prob - old))
-  opened = (batch.advantages > 0) & (ratio > 1 + control.clip_ratio_low) & (
-      ratio <= 1 + control.clip_ratio_high)
-  flag = jnp.select(
-      [control.is_method("entropy"), control.is_method("clip_higher"),
-       control.is_method("clip_cov") | control.is_method("kl_cov")],
-      [mask, opened, selected], jnp.zeros_like(mask))
-  return covrl.masked_mean(flag.astype(jnp.float32), mask)
 
 
 class Trainer:

@@ -31,7 +31,8 @@ import numpy as np
 from covrl import schedules
 from covrl.transformer import control as ctl
 from covrl.transformer import tasks
-from covrl.transformer.grpo import GRPOConfig, Trainer, get_trainer
+from covrl.transformer.config import GRPOConfig
+from covrl.transformer.grpo import Trainer, get_trainer
 from covrl.transformer.model import ModelConfig
 from covrl.transformer.sft import SFTConfig
 

@@ -32,8 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from covrl.progress import Progress
+from covrl.transformer.config import GRPOConfig
 from covrl.transformer.control import Control
-from covrl.transformer.grpo import GRPOConfig, Trainer, TrainState, get_trainer
+from covrl.transformer.grpo import Trainer, TrainState, get_trainer
 
 _PREFIX = "step_"
 
