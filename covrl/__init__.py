@@ -3,7 +3,7 @@
 The public surface is this module: every name in `__all__` is documented in README.md.
 """
 
-from covrl import schedules
+from covrl import bandits, schedules, tabular, theory
 from covrl.advantages import grpo_advantages
 from covrl.aggregation import LOSS_AGG_MODES, Aggregate, aggregate, denominator
 from covrl.covariance import masked_mean, token_covariance
@@ -36,6 +36,7 @@ __all__ = [
     "__version__",
     "abs_zero_grad_at_zero",
     "aggregate",
+    "bandits",
     "clip_cov",
     "clip_cov_loss",
     "clip_cov_select",
@@ -58,5 +59,7 @@ __all__ = [
     "ppo_loss",
     "schedules",
     "selection_count",
+    "tabular",
+    "theory",
     "token_covariance",
 ]

@@ -80,6 +80,23 @@ def token_covariance(
   # Safe values at invalid positions keep NaN out of both the values and the gradients.
   log_prob = jnp.where(valid, log_prob, 0.0)
   advantages = jnp.where(valid, advantages, 0.0)
-  centred_lp = log_prob - masked_mean(lax.stop_gradient(log_prob), valid, axis_name)
-  centred_adv = advantages - masked_mean(advantages, valid, axis_name)
-  return jnp.where(valid, centred_lp * centred_adv, 0.0)
+  return centred_product(log_prob, advantages, valid, axis_name=axis_name)
+
+
+def centred_product(
+    log_prob: jax.Array, advantages: jax.Array, valid: jax.Array, *, axis_name: str | None = None,
+    count: jax.Array | None = None,
+) -> jax.Array:
+  """c_i of `token_covariance` for inputs it has already cleaned (no checks, no masking).
+
+  For callers (the losses) that hold a bool `valid` mask and arrays that are already 0 wherever
+  `valid` is False: the means are then plain sums over the arrays, with no masked copy of
+  each input, which is one full pass over [B, T] fewer per mean.
+  """
+  if count is None:  # this device's number of valid tokens (the caller may have it already)
+    count = jnp.sum(valid, dtype=log_prob.dtype)
+  sums = jnp.stack([jnp.sum(lax.stop_gradient(log_prob)), jnp.sum(advantages)])
+  if axis_name is not None:
+    count, sums = lax.psum((count, sums), axis_name)
+  means = sums / jnp.maximum(count, 1)
+  return jnp.where(valid, (log_prob - means[0]) * (advantages - means[1]), 0.0)

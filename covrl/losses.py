@@ -41,7 +41,7 @@ from covrl import _checks
 from covrl import aggregation as agg
 from covrl import selection as sel
 from covrl import softmax_entropy as ent
-from covrl.covariance import finite_tokens, masked_mean, masked_sum, token_covariance
+from covrl.covariance import centred_product, finite_tokens, masked_mean
 
 Metrics = dict[str, jax.Array]
 Selection = Literal["global", "local"]
@@ -55,6 +55,7 @@ class _Tokens(NamedTuple):
   adv: jax.Array
   valid: jax.Array
   nonfinite: jax.Array
+  count: jax.Array  # valid tokens on this device, as a float scalar
 
 
 def _tokens(old_log_prob, log_prob, advantages, response_mask) -> _Tokens:
@@ -70,7 +71,7 @@ def _tokens(old_log_prob, log_prob, advantages, response_mask) -> _Tokens:
   valid = finite_tokens(mask, *arrays)
   # Safe values at invalid positions keep NaN out of values and gradients alike.
   old, new, adv = (jnp.where(valid, x, 0.0) for x in arrays)
-  return _Tokens(old, new, adv, valid, jnp.sum(mask & ~valid))
+  return _Tokens(old, new, adv, valid, jnp.sum(mask & ~valid), jnp.sum(valid, dtype=dtype))
 
 
 def _ratio(t: _Tokens) -> tuple[jax.Array, jax.Array]:
@@ -100,32 +101,32 @@ def _metrics(
     logit_update: jax.Array | None = None,
 ) -> Metrics:
   cov, log_ratio = lax.stop_gradient(cov), lax.stop_gradient(log_ratio)
-
-  def frac(flag):
-    if flag is None:
-      return jnp.zeros((), cov.dtype)
-    return masked_mean(flag.astype(cov.dtype), t.valid, axis_name)
-
+  dtype = cov.dtype
+  # Every per-token quantity here is already 0 at invalid tokens (the inputs were zeroed there),
+  # so plain sums suffice; one count serves every mean.
+  zero = jnp.zeros((), dtype)
+  sums = {
+      "approx_kl": -jnp.sum(log_ratio),
+      "clip_frac": zero if clipped is None else jnp.sum(clipped, dtype=dtype),
+      "clip_frac_lower": zero if clipped_lower is None else jnp.sum(clipped_lower, dtype=dtype),
+      "cov_mean": jnp.sum(cov),
+      "selected_frac": zero if selected is None else jnp.sum(selected, dtype=dtype),
+  }
   cov_max = jnp.max(jnp.where(t.valid, cov, -jnp.inf))
-  if axis_name is not None:
-    cov_max = lax.pmax(cov_max, axis_name)
-  any_valid = masked_sum(jnp.ones((), jnp.int32), t.valid, axis_name) > 0
-  nonfinite = t.nonfinite if axis_name is None else lax.psum(t.nonfinite, axis_name)
+  nonfinite, count = t.nonfinite, t.count
   value, numerator = aggregate.value, aggregate.numerator
   if axis_name is not None:  # the returned loss is this device's share; metrics are global
-    value, numerator = lax.psum(value, axis_name), lax.psum(numerator, axis_name)
-  out = {
+    sums, count, nonfinite, value, numerator = lax.psum(
+        (sums, count, nonfinite, value, numerator), axis_name)
+    cov_max = lax.pmax(cov_max, axis_name)
+  out = {k: v / jnp.maximum(count, 1.0) for k, v in sums.items()}
+  out.update({
       "loss": value,
       "loss_numerator": numerator,
       "loss_denominator": aggregate.denominator,
-      "approx_kl": masked_mean(-log_ratio, t.valid, axis_name),
-      "clip_frac": frac(clipped),
-      "clip_frac_lower": frac(clipped_lower),
-      "cov_mean": masked_mean(cov, t.valid, axis_name),
-      "cov_max": jnp.where(any_valid, cov_max, 0.0),
-      "selected_frac": frac(selected),
+      "cov_max": jnp.where(count > 0, cov_max, 0.0),
       "nonfinite_tokens": nonfinite,
-  }
+  })
   out.update(_entropy_metrics(logits, logit_update, t.valid, axis_name))
   return jax.tree.map(lax.stop_gradient, out)
 
@@ -149,6 +150,8 @@ def _entropy_metrics(logits, logit_update, valid, axis_name) -> Metrics:
 
 
 def _aggregate(loss_mat, t, loss_agg_mode, denominator, horizon, axis_name) -> agg.Aggregate:
+  if denominator is None and loss_agg_mode == "token-mean":  # reuse the count
+    denominator = t.count if axis_name is None else lax.psum(t.count, axis_name)
   return agg.aggregate(
       loss_mat, t.valid, loss_agg_mode, denominator_override=denominator, horizon=horizon,
       axis_name=axis_name,
@@ -194,7 +197,7 @@ def policy_gradient_loss(
   t = _tokens(old_log_prob, log_prob, advantages, response_mask)
   log_ratio, ratio = _ratio(t)
   aggregate = _aggregate(-t.adv * ratio, t, loss_agg_mode, denominator, horizon, axis_name)
-  cov = token_covariance(t.new, t.adv, t.valid, axis_name=axis_name)
+  cov = centred_product(t.new, t.adv, t.valid, axis_name=axis_name, count=t.count)
   return aggregate.value, _metrics(
       t, aggregate, cov, axis_name, log_ratio=log_ratio, logits=logits, logit_update=logit_update
   )
@@ -246,7 +249,7 @@ def ppo_loss(
     clipped_lower = (loss_mat > dual) & (t.adv < 0)
     loss_mat = jnp.where(t.adv < 0, jnp.minimum(loss_mat, dual), loss_mat)
   aggregate = _aggregate(loss_mat, t, loss_agg_mode, denominator, horizon, axis_name)
-  cov = token_covariance(t.new, t.adv, t.valid, axis_name=axis_name)
+  cov = centred_product(t.new, t.adv, t.valid, axis_name=axis_name, count=t.count)
   return aggregate.value, _metrics(
       t, aggregate, cov, axis_name, log_ratio=log_ratio, clipped=clipped,
       clipped_lower=clipped_lower, logits=logits, logit_update=logit_update,
@@ -347,7 +350,7 @@ def _covariance_and_selection(t, selected, selection, micro_batch_size, axis_nam
                               eligible):
   """c_i and the selected mask: global, per local group of rows, or precomputed."""
   if selection == "global" or selected is not None:
-    cov = token_covariance(t.new, t.adv, t.valid, axis_name=axis_name)
+    cov = centred_product(t.new, t.adv, t.valid, axis_name=axis_name, count=t.count)
     if selected is not None:
       _checks.check_same_shape(("selected", "log_prob"), (selected, t.new))
       return cov, jnp.asarray(selected, bool) & t.valid
@@ -358,7 +361,7 @@ def _covariance_and_selection(t, selected, selection, micro_batch_size, axis_nam
   base = 0 if axis_name is None else lax.axis_index(axis_name) * t.new.shape[0]
 
   def group(offset, new, adv, valid, elig):
-    c = token_covariance(new, adv, valid)
+    c = centred_product(new, adv, valid)
     return c, select(key, base + offset, c, valid, elig, None)
 
   return _grouped(group, (t.new, t.adv, t.valid, eligible), micro_batch_size)
@@ -489,8 +492,8 @@ def entropy_bonus_loss(
   coef = resolve_coefficient("coef", coef, step)
   # Padding positions may hold anything (even all -inf rows): replace them before the entropy so
   # that they reach neither the value nor the gradient.
-  logits = jnp.where(mask[..., None], logits, 0.0)
-  token_entropy = ent.entropy(logits / temperature)
+  logits = ent.check_logits(jnp.where(mask[..., None], logits, 0.0))
+  token_entropy = ent.entropy_reverse_only(logits / temperature)
   valid = mask & jnp.isfinite(token_entropy)
   nonfinite = jnp.sum(mask & ~valid)
   if axis_name is not None:

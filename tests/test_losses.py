@@ -448,3 +448,26 @@ def test_local_clip_cov_uses_per_micro_batch_means_like_verl():
   np.testing.assert_allclose(m_local["selected_frac"] * 16, band(per_group))
   np.testing.assert_allclose(m_global["selected_frac"] * 16, band(whole))
   assert band(per_group) != band(whole)
+
+
+def test_entropy_bonus_gradient_equals_the_custom_jvp_entropy_gradient():
+  """The loss uses a reverse-only entropy for speed; its gradient must equal covrl.entropy's."""
+  rng = np.random.default_rng(20)
+  logits = rng.normal(size=(2, 3, 6)) * 3
+  logits[0, 0, 2] = -np.inf
+  mask = np.array([[1, 1, 0], [1, 0, 1]], np.float64)
+  g_loss = jax.grad(lambda z: covrl.entropy_bonus_loss(z, mask, coef=0.3, temperature=0.8)[0])(
+      jnp.asarray(logits))
+  g_ref = jax.grad(lambda z: -0.3 * jnp.sum(covrl.entropy(z / 0.8) * mask) / mask.sum())(
+      jnp.asarray(logits))
+  np.testing.assert_allclose(g_loss, g_ref, atol=1e-14)
+
+
+def test_entropy_bonus_eager_checks_only_valid_positions():
+  logits = np.zeros((1, 2, 3))
+  logits[0, 1] = -np.inf  # all -inf, but at a padding position
+  loss, _ = covrl.entropy_bonus_loss(logits, np.array([[1.0, 0.0]]), coef=1.0)
+  np.testing.assert_allclose(loss, -np.log(3))
+  logits[0, 0, 0] = np.nan
+  with pytest.raises(ValueError, match="NaN"):
+    covrl.entropy_bonus_loss(logits, np.array([[1.0, 0.0]]), coef=1.0)

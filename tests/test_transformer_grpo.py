@@ -19,6 +19,7 @@ from covrl.transformer import (
   GRPOConfig,
   ModelConfig,
   SFTConfig,
+  benchmark_hook,
   get_trainer,
   grpo,
   init_params,
@@ -300,3 +301,15 @@ def test_bad_runs_fail_before_compilation(trainer, tmp_path):
   with pytest.raises(ValueError, match="split evenly"):
     grpo.Trainer(dataclasses.replace(CFG, prompts_per_step=1, group_size=4, num_minibatches=1),
                  mesh)
+
+
+def test_benchmark_hook_contract():
+  parts = benchmark_hook("small", jax.random.key(0))
+  assert parts["rollout_tokens"] == CFG.batch_size * CFG.task.response_length
+  assert parts["update_tokens"] == CFG.batch_size * (CFG.task.context_length - 1)
+  rollout, rewards = parts["rollout"]()
+  assert rewards.shape == (CFG.batch_size,)
+  assert rollout.responses.shape == (CFG.batch_size, CFG.task.response_length)
+  assert "1 layer," in parts["description"]
+  with pytest.raises(ValueError, match="size"):
+    benchmark_hook("huge", jax.random.key(0))

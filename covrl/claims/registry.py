@@ -100,12 +100,16 @@ class Claim:
 
 _REGISTRY: dict[str, Claim] = {}
 # Modules that register claims, imported on first use of the registry (in this order).
-CLAIM_MODULES: list[str] = ["covrl.claims.transformer"]
+CLAIM_MODULES: list[str] = ["covrl.claims.tabular", "covrl.claims.transformer"]
 
 
 def register(claim_id: str, title: str, *, group: str, proof: str = "",
              plot: Callable[[Measurement, Any], None] | None = None):
-  """Decorator: register `check(size, key) -> Measurement` as the check of `claim_id`."""
+  """Decorator: register `check(size, key) -> Measurement` as the check of `claim_id`.
+
+  `plot(measurement, fig)`, when given, draws the claim's figure into `fig`, an empty
+  matplotlib Figure (add axes with `fig.subplots(...)`); the report saves it as a PNG.
+  """
 
   def wrap(check):
     if claim_id in _REGISTRY:

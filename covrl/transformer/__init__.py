@@ -16,7 +16,7 @@ Example:
 """
 
 from covrl.transformer import control, lab, tasks
-from covrl.transformer.bench import benchmark
+from covrl.transformer.bench import benchmark, benchmark_hook
 from covrl.transformer.config import GRPOConfig
 from covrl.transformer.control import METHODS, Control
 from covrl.transformer.grpo import Trainer, TrainState, get_trainer, make_train
@@ -36,6 +36,7 @@ __all__ = [
     "Trainer",
     "TransformerPolicy",
     "benchmark",
+    "benchmark_hook",
     "control",
     "get_trainer",
     "init_params",

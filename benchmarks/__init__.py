@@ -1,0 +1,1 @@
+"""covrl benchmarks: `python -m benchmarks.run` (see benchmarks/README.md)."""

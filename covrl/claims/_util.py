@@ -1,0 +1,73 @@
+"""Small helpers shared by the tabular claim checks: sizes, fits and a float64 scope."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import numpy as np
+
+PROOFS = {
+    "T1": "proofs/T1_entropy_covariance.md",
+    "T2": "proofs/T2_entropy_bonus_bias.md",
+    "T3": "proofs/T3_covariance_control.md",
+}
+
+
+def proof(claim_id: str) -> str:
+  """The link to a claim's proof: its theorem's file and the claim's anchor."""
+  return f"{PROOFS[claim_id.split('.')[0]]}#{claim_id}"
+
+
+def pick(size: str, test: Any, fast: Any, full: Any) -> Any:
+  """The value for a size."""
+  if size not in ("test", "fast", "full"):
+    raise ValueError(f"size must be 'test', 'fast' or 'full', got {size!r}.")
+  return {"test": test, "fast": fast, "full": full}[size]
+
+
+def float64(check: Callable) -> Callable:
+  """Run a check with 64-bit JAX enabled locally (global state is restored afterwards)."""
+
+  @functools.wraps(check)
+  def wrapped(size, key):
+    with jax.enable_x64(True):
+      return check(size, key)
+
+  return wrapped
+
+
+def seed_of(key: jax.Array) -> int:
+  """A host integer seed derived from a JAX key (for NumPy draws of problem instances)."""
+  return int(jax.random.randint(key, (), 0, 2**31 - 1))
+
+
+def loglog_slope(x, y) -> float:
+  """Least-squares slope of log|y| against log x."""
+  x, y = np.asarray(x, np.float64), np.abs(np.asarray(y, np.float64))
+  return float(np.polyfit(np.log(x), np.log(y), 1)[0])
+
+
+def bootstrap_slope(x, runs, *, num_resamples: int = 1000, seed: int = 0) -> tuple[float, ...]:
+  """Log-log slope of the mean over runs, with a 95% bootstrap interval over the runs.
+
+  Args:
+    x: [T] positive abscissae.
+    runs: [n, T] positive values, one row per independent run.
+
+  Returns:
+    (slope, low, high).
+  """
+  runs = np.asarray(runs, np.float64)
+  rng = np.random.default_rng(seed)
+  slope = loglog_slope(x, runs.mean(0))
+  picks = rng.integers(0, runs.shape[0], size=(num_resamples, runs.shape[0]))
+  boot = [loglog_slope(x, runs[p].mean(0)) for p in picks]
+  low, high = np.percentile(boot, [2.5, 97.5])
+  return slope, float(low), float(high)
+
+
+def fmt(x: float, digits: int = 3) -> str:
+  return f"{x:.{digits}g}"

@@ -1,0 +1,67 @@
+"""`covrl reproduce` and `covrl list`: the report folder, its fields, and the exit status."""
+
+import json
+import os
+
+import pytest
+
+from covrl import cli
+from covrl.claims import registry
+
+
+def test_reproduce_writes_report_and_results(tmp_path, capsys):
+  out = tmp_path / "report"
+  status = cli.main(["reproduce", "--size", "test", "--only", "T2.4,T1.5", "--out", str(out)])
+  assert status == 0
+  printed = capsys.readouterr().out
+  assert "T2.4" in printed and "pass" in printed and "2/2 claims confirmed" in printed
+  doc = json.loads((out / "results.json").read_text())
+  for field in ("covrl_version", "jax_version", "python_version", "platform", "device_count",
+                "size", "seed", "passed", "claims"):
+    assert field in doc, field
+  assert doc["size"] == "test" and doc["passed"] is True
+  ids = [c["id"] for c in doc["claims"]]
+  assert ids == ["T1.5", "T2.4"]
+  for claim in doc["claims"]:
+    assert claim["passed"] is True
+    assert claim["measured"] and claim["predicted"]
+    assert claim["proof"].startswith("proofs/T")
+  report = (out / "report.md").read_text()
+  assert "### T2.4" in report and "### T1.5" in report
+
+
+def test_reproduce_draws_figures(tmp_path):
+  out = tmp_path / "r"
+  assert cli.main(["reproduce", "--size", "test", "--only", "T1.2", "--out", str(out)]) == 0
+  doc = json.loads((out / "results.json").read_text())
+  figure = doc["claims"][0]["figure"]
+  assert os.path.getsize(out / figure) > 1000
+  assert f"]({figure})" in (out / "report.md").read_text()
+
+
+def test_a_failing_claim_makes_the_exit_status_nonzero(tmp_path, monkeypatch):
+  def failing(size, key):
+    return registry.Measurement(False, {"x": 1.0}, {"x": 0.0}, "x is 1, not 0")
+
+  def crashing(size, key):
+    raise RuntimeError("boom")
+
+  fake = [registry.Claim("T0.1", "fails", "fake", failing),
+          registry.Claim("T0.2", "crashes", "fake", crashing)]
+  monkeypatch.setattr(registry, "claims", lambda groups=None: fake)
+  status = cli.main(["reproduce", "--size", "test", "--out", str(tmp_path)])
+  assert status == 1
+  doc = json.loads((tmp_path / "results.json").read_text())
+  assert [c["passed"] for c in doc["claims"]] == [False, False]
+  assert "boom" in doc["claims"][1]["measured"]["error"]
+
+
+def test_unknown_claim_is_an_error(tmp_path):
+  with pytest.raises(SystemExit):
+    cli.main(["reproduce", "--only", "T9.9", "--out", str(tmp_path)])
+
+
+def test_list(capsys):
+  assert cli.main(["list"]) == 0
+  out = capsys.readouterr().out
+  assert "T1.1" in out and "T3.6" in out and "[tabular]" in out

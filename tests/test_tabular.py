@@ -1,0 +1,254 @@
+"""covrl.tabular: loops against independent references, determinism, sharding, bad configs."""
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from covrl import bandits, schedules, tabular
+
+
+def _softmax(z):
+  e = np.exp(z - z.max(-1, keepdims=True))
+  return e / e.sum(-1, keepdims=True)
+
+
+def _final(config, key=0):
+  return np.asarray(jax.jit(tabular.make_train(config))(jax.random.key(key)).logits)
+
+
+def test_regularised_npg_is_the_closed_form_iteration():
+  bandit = bandits.random_bandit(0, 5)
+  z0 = np.random.default_rng(1).normal(size=(1, 5))
+  alpha, eta, steps = 0.3, 0.7, 40
+  config = tabular.TabularConfig(bandit, dynamics="npg", control="entropy", coef=alpha,
+                                 step_size=eta, num_steps=steps, init_logits=z0,
+                                 dtype="float64")
+  z = z0.copy()
+  for _ in range(steps):
+    z = (1 - eta * alpha) * z + eta * bandit.r
+  # Logits are defined up to a shift: compare the policies.
+  np.testing.assert_allclose(_softmax(_final(config)), _softmax(z), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+def test_exact_pg_matches_a_numpy_loop(alpha):
+  bandit = bandits.Bandit([[0.1, 0.9, 0.5], [0.7, 0.2, 0.4]], state_probs=(0.3, 0.7))
+  z0 = np.random.default_rng(2).normal(size=(2, 3))
+  eta, steps = 0.5, 60
+  config = tabular.TabularConfig(bandit, dynamics="pg", control="entropy" if alpha else "none",
+                                 coef=alpha, step_size=eta, num_steps=steps, init_logits=z0,
+                                 dtype="float64")
+  z = z0.copy()
+  for _ in range(steps):
+    pi = _softmax(z)
+    adv = bandit.r - (pi * bandit.r).sum(-1, keepdims=True)
+    h = -(pi * np.log(pi)).sum(-1, keepdims=True)
+    grad_h = -pi * (np.log(pi) + h)
+    z = z + eta * bandit.rho[:, None] * (pi * adv + alpha * grad_h)
+  np.testing.assert_allclose(_final(config), z, rtol=1e-12)
+
+
+def test_annealed_step_size_schedule():
+  bandit = bandits.Bandit((1.0, 0.0))
+  eta = schedules.power_decay(1.0, 0.7, 10.0)
+  config = tabular.TabularConfig(bandit, dynamics="npg", step_size=eta, num_steps=20,
+                                 dtype="float64")
+  z = np.zeros((1, 2))
+  for t in range(20):
+    pi = _softmax(z)
+    z = z + eta.init_value * (1 + t / 10.0) ** -0.7 * (bandit.r - (pi * bandit.r).sum())
+  np.testing.assert_allclose(_final(config), z, rtol=1e-12)
+
+
+def test_records_and_shapes():
+  bandit = bandits.random_bandit(3, 4, 2)
+  config = tabular.TabularConfig(bandit, num_steps=30, record_every=10)
+  result = tabular.make_train(config)(jax.random.key(0))
+  assert result.steps.tolist() == [0, 10, 20, 30]
+  assert result.policy.shape == (4, 2, 4) and result.logits.shape == (2, 4)
+  pi = np.asarray(result.policy)
+  gap = bandit.optimal_value - (bandit.rho[None] * (pi * bandit.r).sum(-1)).sum(-1)
+  np.testing.assert_allclose(result.gap, gap, rtol=1e-5, atol=1e-6)
+
+
+def _sampled(**kw):
+  base = dict(dynamics="sampled", num_steps=20, record_every=5, num_samples=32, group_size=4,
+              advantage="grpo", step_size=0.5, ppo_epochs=2, num_minibatches=2, ratio=0.1)
+  return tabular.TabularConfig(bandits.random_bandit(0, 4, 3, noise="bernoulli"),
+                               **{**base, **kw})
+
+
+@pytest.mark.parametrize("control, extra", [
+    ("none", {}), ("entropy", {"coef": 0.1}), ("clip_cov", {"clip_cov_bounds": (0.1, 5.0)}),
+    ("kl_cov", {"coef": 1.0}), ("clip_higher", {"clip_ratio_high": 0.28})])
+def test_same_key_same_result(control, extra):
+  config = _sampled(control=control, **extra)
+  train = jax.jit(tabular.make_train(config))
+  a, b = train(jax.random.key(7)), train(jax.random.key(7))
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  c = train(jax.random.key(8))
+  assert not np.array_equal(a.logits, c.logits)
+
+
+def test_run_on_one_and_eight_devices_agree():
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 (simulated) devices")
+  config = _sampled(control="kl_cov", coef=1.0)
+  keys = jax.random.split(jax.random.key(0), 8)
+  hyper = tabular.hyperparams(config, step_size=np.linspace(0.1, 0.8, 8))
+  one = tabular.run(config, keys, hyper, mesh=tabular.data_mesh(1))
+  eight = tabular.run(config, keys, hyper, mesh=tabular.data_mesh(8))
+  assert len(eight.logits.sharding.device_set) == 8
+  jax.tree.map(np.testing.assert_array_equal, one, eight)
+
+
+def test_run_equals_vmapped_train_and_single_runs():
+  config = _sampled(ppo_epochs=1, num_minibatches=1)
+  keys = jax.random.split(jax.random.key(1), 4)
+  hyper = tabular.hyperparams(config, step_size=[0.1, 0.2, 0.3, 0.4])
+  chunked = tabular.run(config, keys, hyper, num_chunks=4)
+  vmapped = jax.jit(jax.vmap(tabular.make_train(config)))(keys, hyper)
+  jax.tree.map(np.testing.assert_array_equal, chunked, vmapped)
+  single = jax.jit(tabular.make_train(config))(keys[2], jax.tree.map(lambda x: x[2], hyper))
+  np.testing.assert_allclose(single.logits, chunked.logits[2], rtol=1e-5, atol=1e-5)
+
+
+def test_sampled_pg_is_unbiased_for_the_exact_gradient():
+  """E[one sampled step] = one exact PG step (baseline advantages, no clipping, one update)."""
+  bandit = bandits.Bandit((0.9, 0.5, 0.1, 0.3), noise="bernoulli")
+  z0 = np.array([[0.5, -0.3, 0.2, 0.0]])
+  eta, n = 0.1, 64
+  config = tabular.TabularConfig(bandit, dynamics="sampled", advantage="baseline", step_size=eta,
+                                 clip_ratio=None, num_samples=n, group_size=1, num_steps=1,
+                                 init_logits=z0, dtype="float64")
+  runs = 4000
+  with jax.enable_x64(True):
+    result = tabular.run(config, jax.random.split(jax.random.key(3), runs))
+  dz = np.asarray(result.logits)[:, 0] - z0[0]
+  pi = _softmax(z0[0])
+  expected = eta * pi * (bandit.r[0] - pi @ bandit.r[0])
+  se = dz.std(0, ddof=1) / np.sqrt(runs)
+  assert np.all(np.abs(dz.mean(0) - expected) < 5 * se + 1e-12), (dz.mean(0), expected, se)
+
+
+def test_inverse_cdf_sampler_frequencies():
+  probs = jnp.asarray([0.1, 0.0, 0.6, 0.3])
+  u = jax.random.uniform(jax.random.key(0), (200_000,))
+  counts = np.bincount(np.asarray(tabular._inverse_cdf(u, probs)), minlength=4) / 200_000
+  np.testing.assert_allclose(counts, probs, atol=0.005)
+  assert counts[1] == 0
+
+
+def test_grpo_exact_step_is_pi_times_w():
+  bandit = bandits.Bandit((0.9, 0.6, 0.2))
+  z0 = np.array([[0.1, 0.4, -0.2]])
+  config = tabular.TabularConfig(bandit, dynamics="grpo_exact", advantage="grpo", step_size=1.0,
+                                 group_size=3, num_steps=1, init_logits=z0, dtype="float64")
+  pi = _softmax(z0[0])
+  w = np.zeros(3)
+  for actions in itertools.product(range(3), repeat=3):
+    rew = bandit.r[0][list(actions)]
+    adv = (rew - rew.mean()) / (rew.std(ddof=1) + 1e-6)
+    w[actions[0]] += np.prod(pi[list(actions[1:])]) * adv[0]
+  np.testing.assert_allclose(_final(config)[0] - z0[0], pi * w, atol=1e-12)
+
+
+def test_hyperparams_sweep_validates_and_broadcasts():
+  config = tabular.TabularConfig(bandits.random_bandit(0, 3), control="entropy", coef=0.5)
+  hyper = tabular.hyperparams(config, coef=[0.1, 0.2, 0.3])
+  assert hyper.coef.shape == (3,) and hyper.step_size.shape == (3,)
+  assert hyper.init_logits.shape == (3, 1, 3)
+  with pytest.raises(ValueError, match="coef"):
+    tabular.hyperparams(config, coef=[0.1, -1.0])
+  with pytest.raises(ValueError, match="step_size"):
+    tabular.hyperparams(config, step_size=[0.0])
+  with pytest.raises(ValueError, match="init_logits"):
+    tabular.hyperparams(config, init_logits=[np.full((1, 3), np.nan)])
+  with pytest.raises(ValueError, match="unknown"):
+    tabular.hyperparams(config, temperature=[1.0])
+  with pytest.raises(ValueError, match="same number"):
+    tabular.hyperparams(config, coef=[0.1], step_size=[0.1, 0.2])
+
+
+BANDIT = bandits.Bandit((1.0, 0.5))
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(step_size=0.0), ValueError, "step_size"),
+    (dict(step_size=-1.0), ValueError, "step_size"),
+    (dict(step_size=float("nan")), ValueError, "step_size"),
+    (dict(step_size="0.1"), TypeError, "step_size"),
+    (dict(control="entropy", coef=0.0), ValueError, "coef"),
+    (dict(control="entropy", coef=-0.5), ValueError, "coef"),
+    (dict(dynamics="sampled", control="kl_cov", coef=0.0), ValueError, "coef"),
+    (dict(control="kl_cov", coef=1.0), ValueError, "sampled"),
+    (dict(dynamics="sampled", control="clip_cov", ratio=1.5), ValueError, "fraction"),
+    (dict(dynamics="sampled", num_samples=30, group_size=8), ValueError, "group_size"),
+    (dict(dynamics="sampled", num_samples=32, group_size=8, num_minibatches=3), ValueError,
+     "num_minibatches"),
+    (dict(num_steps=10, record_every=3), ValueError, "record_every"),
+    (dict(num_steps=0), ValueError, "num_steps"),
+    (dict(dynamics="adam"), ValueError, "dynamics"),
+    (dict(control="dropout"), ValueError, "control"),
+    (dict(init_logits=(0.0, float("inf"))), ValueError, "init_logits"),
+    (dict(init_logits=(0.0, 1.0, 2.0)), ValueError, "init_logits"),
+    (dict(dynamics="sampled", control="clip_higher"), ValueError, "clip_ratio_high"),
+    (dict(dynamics="sampled", clip_ratio=0.2, clip_ratio_high=0.1), ValueError, "clip_ratio_high"),
+    (dict(dynamics="sampled", control="clip_cov", clip_ratio=None), ValueError, "clip_ratio"),
+    (dict(dynamics="grpo_exact", advantage="baseline"), ValueError, "grpo"),
+    (dict(dynamics="sampled", control="kl_cov", coef=1.0, require_annealing=True), ValueError,
+     "annealing"),
+    (dict(dynamics="sampled", control="kl_cov", coef=schedules.power_decay(1.0, 1.0),
+          step_size=0.1, require_annealing=True), ValueError, "annealing"),
+    (dict(dtype="float16"), ValueError, "dtype"),
+])
+def test_bad_configs_raise(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    tabular.TabularConfig(BANDIT, **kwargs)
+
+
+def test_annealing_conditions_accepted_when_met():
+  config = tabular.TabularConfig(
+      BANDIT, dynamics="sampled", control="clip_cov", ratio=schedules.power_decay(0.1, 1.0),
+      step_size=schedules.robbins_monro(0.1, 0.6), require_annealing=True, min_count=0)
+  assert config.ratio.power == 1.0
+
+
+def test_bad_bandit_inputs_fail_before_compilation():
+  with pytest.raises(ValueError, match="K >= 2"):
+    tabular.TabularConfig(bandits.Bandit((1.0,)))
+  with pytest.raises(ValueError, match="finite"):
+    tabular.TabularConfig(bandits.Bandit((1.0, np.nan)))
+  with pytest.raises(TypeError, match="Bandit"):
+    tabular.TabularConfig((1.0, 0.5))
+
+
+def test_float64_needs_x64():
+  config = tabular.TabularConfig(BANDIT, dtype="float64")
+  with jax.enable_x64(False):
+    with pytest.raises(ValueError, match="enable_x64"):
+      tabular.make_train(config)
+    with pytest.raises(ValueError, match="enable_x64"):
+      tabular.run(config, jax.random.split(jax.random.key(0), 2))
+
+
+def test_run_checks_batch_shapes():
+  config = tabular.TabularConfig(BANDIT, num_steps=2)
+  keys = jax.random.split(jax.random.key(0), 3)
+  with pytest.raises(ValueError, match="leading axis"):
+    tabular.run(config, keys, tabular.hyperparams(config, coef=[0.0, 0.0]))
+  if len(jax.devices()) >= 2:
+    with pytest.raises(ValueError, match="divide evenly"):
+      tabular.run(config, keys, mesh=tabular.data_mesh(2))
+
+
+def test_config_is_frozen_and_replace_revalidates():
+  config = tabular.TabularConfig(BANDIT)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    config.num_steps = 5
+  with pytest.raises(ValueError):
+    dataclasses.replace(config, step_size=0.0)
