@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 
 import pytest
 
@@ -30,5 +31,8 @@ def test_notebook_04_runs(monkeypatch):
   assert not errors, errors
   text = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code"
                  for o in cell.get("outputs", []) if o.get("output_type") == "stream")
-  assert "NOT CONFIRMED" not in text, text
+  # T4.3 is an empirical comparison reported either way (see tests/test_transformer_claims.py).
+  not_confirmed = set(re.findall(r"^(\S+): NOT CONFIRMED", text, flags=re.M))
+  assert not_confirmed <= {"T4.3"}, text
+  assert "T1.7: confirmed" in text and "T4.1: confirmed" in text
   assert "resumed run identical: True" in text
