@@ -198,11 +198,12 @@ def test_saturation_instead_of_nan():
   for solver in controllers.SOLVERS:
     # Far above: needs more bonus than c_max gives. Far below: would need a negative bonus.
     up = controllers.predictive(math.log(4), vocab_size=4, coef_range=(0.0, 0.1), solver=solver)
-    coef, state = jax.jit(lambda s, h: up.update(s, h, predict))(up.init(), jnp.float32(h_now))
+    coef, state = jax.jit(lambda s, h, c=up: c.update(s, h, predict))(up.init(),
+                                                                    jnp.float32(h_now))
     assert float(coef) == pytest.approx(0.1) and bool(state.saturated)
     down = controllers.predictive(0.0, vocab_size=4, coef_range=(0.0, 0.1), solver=solver)
-    coef, state = jax.jit(lambda s, h: down.update(s, h, predict))(down.init(),
-                                                                 jnp.float32(h_now))
+    coef, state = jax.jit(lambda s, h, c=down: c.update(s, h, predict))(down.init(),
+                                                                      jnp.float32(h_now))
     assert float(coef) == 0.0 and bool(state.saturated) and not bool(state.nonfinite)
 
 

@@ -101,7 +101,7 @@ class Claim:
 _REGISTRY: dict[str, Claim] = {}
 # Modules that register claims, imported on first use of the registry (in this order).
 CLAIM_MODULES: list[str] = ["covrl.claims.tabular", "covrl.claims.transformer",
-                            "covrl.claims.control"]
+                            "covrl.claims.control", "covrl.claims.control_transformer"]
 
 
 def register(claim_id: str, title: str, *, group: str, proof: str = "",
