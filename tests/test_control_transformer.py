@@ -147,5 +147,6 @@ def test_transformer_control_claims_report_their_measurements():
   assert -1.0 <= m.measured["prediction"]["corr_predicted_actual"] <= 1.0
   c = registry.run("C3.tf", "test").measurement
   assert c.passed == (c.measured["predictive_over_fixed"] <= 1.2)
+  assert set(c.measured["step_ms"]) == {"no_controller", "fixed_controller", "predictive"}
   assert all(v > 0 for v in c.measured["step_ms"].values())
   assert c.measured["touched_frac_predictive"] <= 1.0

@@ -7,9 +7,9 @@ import re
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Claims whose target the measurement misses (see tests/test_claims.py::MISSED): the notebook
-# prints them as NOT CONFIRMED, which is the honest outcome, not an error.
-MISSED = {"C3"}
+# Claims whose outcome is reported whichever way it falls (tests/test_claims.py::REPORTED): the
+# notebook may print them as NOT CONFIRMED, which is then the honest outcome, not an error.
+REPORTED = {"C3", "C1.tf", "C3.tf"}
 
 
 @pytest.mark.slow
@@ -31,7 +31,7 @@ def test_notebook_05_runs(monkeypatch):
   assert not errors, errors
   text = "".join(o.get("text", "") for cell in nb.cells if cell.cell_type == "code"
                  for o in cell.get("outputs", []) if o.get("output_type") == "stream")
-  for claim_id in ("C1", "C2", "C3"):
+  for claim_id in ("C1", "C2", "C3", "C1.tf", "C3.tf"):
     assert re.search(rf"^{claim_id}: (confirmed|NOT CONFIRMED)", text, re.M), claim_id
   missed = set(re.findall(r"^(C\d+(?:\.\w+)?): NOT CONFIRMED", text, re.M))
-  assert missed <= MISSED, missed
+  assert missed <= REPORTED, missed
