@@ -6,23 +6,32 @@ the control, except that before each step's update the controller chooses its co
 
   1. the rollout batch and its tempered logits z / tau, whose pooled entropy H_t (mean over the
      valid tokens, global over devices) is what the controller tracks;
-  2. for the predictive controller, three gradients on the whole batch at the rollout parameters,
-     from one forward pass (`jax.jacrev` of a 3-vector): the on-policy policy loss g_pg, the
-     bonus per unit coefficient g_b, and the pooled entropy g_H;
-  3. the candidate update dtheta(c): the wrapped optimiser (clip + Adam) applied
-     ppo_epochs * num_minibatches times to the gradient g_pg + c g_b, from the current optimiser
-     state (the mini-batch gradients are replaced by the whole batch's);
+  2. for the predictive controller, gradients at the rollout parameters on the rows of the step's
+     first mini-batch (the rows its first update uses; `prediction_rows="batch"` for all rows),
+     from one forward pass (`jax.jacrev`): the on-policy policy loss g_pg (at ratio 1 the PPO
+     surrogate's gradient is the policy gradient's), the pooled entropy g_H, and the bonus per
+     unit coefficient g_b (= -g_H with token-mean aggregation, which saves a backward pass);
+  3. the candidate update dtheta(c): the wrapped optimiser (clip + Adam, from the current
+     optimiser state) applied once per inner update (ppo_epochs * num_minibatches times) to the
+     gradient g_pg + c g_b;
   4. the predicted change f(c) = <g_H, dtheta(c)>. This *is* the pooled first-order predictor of
      THEORY.md T1 with the linearised logit change: for every context s,
      -Cov_{pi_s}(log pi_s, J_s dtheta) = grad_z H_s . J_s dtheta, and summed with the pooling
-     weights this is grad_theta H . dtheta. So f costs one dot product per evaluation, and the
-     bisection solver (Adam makes f non-affine in c) is cheap;
+     weights this is grad_theta H . dtheta. Each evaluation is element-wise optimiser arithmetic
+     and one dot product; Adam makes f non-affine in c, so use the "grid" (or "bisection")
+     solver; "newton" differentiates through Adam's sqrt(v), infinite where v = 0 (parameters
+     that never had a gradient), so its prediction comes out non-finite and is not used;
   5. the update with c_t, and the step's metrics, plus the controller's.
 
 What the prediction leaves out (so the tracking error is larger than in the tabular lab): the
-curvature of the logits in theta (T1.7), the second-order term, the difference between the
-mini-batch steps and the simulated whole-batch steps, and the sampling noise between the batch
-the prediction is made on and the next step's batch, on which H_{t+1} is measured.
+curvature of the logits in theta (T1.7), the second-order term, the later mini-batches' own
+gradients (the simulation repeats the first one's), Adam's first step (a sign step, piecewise
+constant in c), and the sampling noise between the batch the prediction is made on and the next
+step's batch, on which H_{t+1} is measured.
+
+With a mesh, the batch is sharded over its "data" axis as in `grpo.Trainer`; the pooled entropy
+and the gradients are global (XLA reduces them), so the controller sees the statistics of the
+whole batch on any number of devices.
 
 Example:
   >>> import jax
@@ -30,7 +39,7 @@ Example:
   >>> from covrl.transformer import GRPOConfig, controlled, tasks
   >>> config = GRPOConfig(tasks.Sort(6, 3), num_steps=3, sft=None)
   >>> ctl = controllers.predictive(1.0, vocab_size=config.model.vocab_size,
-  ...                              coef_range=(0.0, 0.05), solver="bisection")
+  ...                              coef_range=(0.0, 0.05), solver="grid")
   >>> state, metrics = controlled.make_controlled_train(config, ctl)(jax.random.key(0))
   >>> metrics["control_coef"].shape
   (3,)
@@ -282,7 +291,14 @@ def get_controlled_trainer(config: GRPOConfig, controller: Any,
 
 def make_controlled_train(config: GRPOConfig, controller: ctl.Controller,
                           mesh: jax.sharding.Mesh | None = None):
-  """`train(key, params=None) -> (ControlledState, metrics)`: a whole controlled GRPO run."""
+  """`train(key, params=None) -> (ControlledState, metrics)`: a whole controlled GRPO run.
+
+  Metrics are [num_steps] arrays: the GRPO step's (reward, clip_frac, touched_frac, approx_kl,
+  ...), and entropy (H_t, before the update), entropy_target (H*(t)), control_coef (c_t),
+  entropy_change (on the step's contexts, exact) and entropy_change_first_order (from the actual
+  logit change), entropy_change_predicted (the controller's prediction for c_t; 0 for
+  controllers that do not predict), controller_saturated and controller_nonfinite.
+  """
   trainer = get_controlled_trainer(config, controller, mesh)
 
   def train(key: jax.Array, params: Any = None):
