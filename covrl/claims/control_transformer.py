@@ -163,7 +163,7 @@ def _plot(m: Measurement, fig) -> None:
 
 
 @register("C1.tf", "Tracking in the transformer GRPO loop: predictive versus reactive, PID and "
-          "fixed", group="control", proof=_proof("C1"), plot=_plot)
+          "fixed", group="control", proof=_proof("C1.tf"), plot=_plot)
 def check_tracking_transformer(size: str, key: jax.Array) -> Measurement:
   run = _compare(size, key)
   rows, errs = {}, {}
