@@ -22,6 +22,7 @@ def test_notebook_05_runs(monkeypatch):
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(ROOT),
                                                                  os.environ.get("PYTHONPATH")])))
   monkeypatch.delenv("XLA_FLAGS", raising=False)
+  monkeypatch.setenv("COVRL_SIZE", "test")  # the saved outputs are at "fast"; test the code
   monkeypatch.delenv("JAX_ENABLE_X64", raising=False)
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                    resources={"metadata": {"path": str(path.parent)}})
