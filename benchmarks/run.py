@@ -232,8 +232,9 @@ def render(report: dict[str, Any]) -> str:
     lines.append(table(["loss", "size", "global (exact)", "local (verl)", "PPO", "global/local"],
                        rows))
   if "sweep" in report:
-    lines += ["", "## Tabular sweep: exact PG + entropy bonus, covrl (jit, scan, vmap) vs NumPy",
-              ""]
+    cores = report["sweep"].get("cores", "?")
+    lines += ["", f"## Tabular sweep: exact PG + entropy bonus, covrl (jit, scan, sharded over "
+              f"{cores} CPU devices) vs NumPy (one core)", ""]
     rows = [[f"{r['instances']}x{r['arms']}x{r['steps']}", _t(r["covrl"]), _t(r["numpy"]),
              f"{r['speedup_vs_numpy']:.1f}x", f"{r['covrl_instance_steps_per_s'] / 1e6:.2f}M",
              f"{r['numpy_instance_steps_per_s'] / 1e6:.2f}M", fmt_time(r["covrl_first_call_s"])]

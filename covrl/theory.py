@@ -134,6 +134,33 @@ def stationarity_residual(pi: jax.Array, r: jax.Array, alpha: float | jax.Array)
   return adv - _per_row(alpha) * (logp + entropy(logp)[..., None])
 
 
+def pg_logit_gradient(logits: jax.Array, r: jax.Array, alpha: float | jax.Array = 0.0
+                      ) -> jax.Array:
+  """Exact gradient of J_alpha = pi . r + alpha H(pi), pi = softmax(z), with respect to z (T2.1).
+
+  pi * [(r - alpha log pi) - E_pi(r - alpha log pi)] = pi (r - pi . r) - alpha pi (log pi + H),
+  in closed form from one log-softmax pass (the exact-gradient dynamics of `covrl.tabular` and
+  the tabular benchmark sweep step with it). -inf logits are actions of probability 0.
+
+  Args:
+    logits: [..., K].
+    r: [..., K] rewards (broadcastable to logits).
+    alpha: bonus coefficient >= 0, a scalar or one per row ([...]).
+
+  Returns:
+    [..., K] gradient, in the logits' dtype (at least float32).
+  """
+  logits = _checks.upcast(jnp.asarray(logits))
+  r = jnp.asarray(r, logits.dtype)
+  logp = jax.nn.log_softmax(logits, axis=-1)
+  support = logp > -jnp.inf
+  logp = jnp.where(support, logp, 0.0)
+  p = jnp.where(support, jnp.exp(logp), 0.0)
+  expected_r = jnp.sum(p * r, axis=-1, keepdims=True)
+  h = -jnp.sum(p * logp, axis=-1, keepdims=True)
+  return p * ((r - expected_r) - _per_row(alpha) * (logp + h))
+
+
 def mei_gap_bound(t: jax.Array | int, c: float | jax.Array) -> jax.Array:
   """Mei et al. (2020) Theorem 2: with eta = 2/5 and rewards in [0, 1], gap_t <= 5 / (c^2 t).
 
