@@ -136,24 +136,13 @@ def _measure(sizes: dict[str, tuple[int, int, int]], repeats: int, seed: int) ->
 def run(sizes: dict[str, tuple[int, int, int]], *, repeats: int = 3, seed: int = 0,
         log=print, timeout_s: float = 1800) -> dict[str, Any]:
   """Run `_measure` in a subprocess with one JAX CPU device per core; returns its JSON."""
-  import subprocess
+  from benchmarks import common
 
   cores = os.cpu_count() or 1
-  env = dict(os.environ)
-  flags = env.get("XLA_FLAGS", "")
-  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={cores}".strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
   spec = ",".join(f"{k}={i}x{a}x{t}" for k, (i, a, t) in sizes.items())
   log(f"  sweep in a subprocess with {cores} CPU devices: {spec}")
-  cmd = [sys.executable, "-m", "benchmarks.sweep", "--sizes", spec, "--repeats", str(repeats),
-         "--seed", str(seed)]
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s,
-                        cwd=root, check=False)
-  if proc.returncode != 0:
-    raise RuntimeError(f"sweep benchmark failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  args = ["--sizes", spec, "--repeats", str(repeats), "--seed", str(seed)]
+  out = common.run_module_with_devices("benchmarks.sweep", args, cores, timeout_s=timeout_s)
   out["cores"] = cores
   return out
 
