@@ -6,8 +6,8 @@ the exact gradient step on J(z) + alpha H(pi), pi = softmax(z):
   z <- z + eta [pi * (r - <pi, r>) - alpha pi * (log pi + H(pi))].
 
 covrl: `covrl.theory.pg_logit_gradient` (the closed form the exact-gradient dynamics of
-`covrl.tabular` step with) in a `lax.scan`, all instances as one [I, K] array, jitted and sharded
-by instance over the machine's CPU cores as JAX devices (`jax.shard_map` over a "data" mesh; the
+`covrl.tabular` step with) in a `lax.scan`, all instances as one [K, I] array (arms leading),
+jitted and sharded by instance over the machine's CPU cores as JAX devices (`jax.shard_map` over a "data" mesh; the
 part runs in a subprocess with --xla_force_host_platform_device_count = the core count).
 NumPy: the same update written out, vectorised over instances, with preallocated buffers and
 in-place operations (what a careful NumPy user writes), one Python iteration per step; NumPy's
@@ -45,18 +45,23 @@ def covrl_sweep(steps: int, instances: int, eta: float = ETA, alpha: float = ALP
 
   from covrl import theory
 
-  def train(r):
+  def train(r_t):
+    # Arms on the leading axis: the per-instance sums over arms become vectorised adds across
+    # instances (about 1.7x faster than [I, K] on this CPU backend).
     def step(z, _):
-      return z + eta * theory.pg_logit_gradient(z, r, alpha), None
+      return z + eta * theory.pg_logit_gradient(z, r_t, alpha, axis=0), None
 
-    z, _ = jax.lax.scan(step, jnp.zeros_like(r), length=steps)
+    z, _ = jax.lax.scan(step, jnp.zeros_like(r_t), length=steps)
     return z
 
   devices = jax.device_count()
-  if devices == 1 or instances % devices:
-    return jax.jit(train), 1
-  mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  return jax.jit(jax.shard_map(train, mesh=mesh, in_specs=P("data"), out_specs=P("data"))), devices
+  if devices > 1 and instances % devices == 0:
+    mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    train = jax.shard_map(train, mesh=mesh, in_specs=P(None, "data"), out_specs=P(None, "data"))
+  else:
+    devices = 1
+  run = jax.jit(lambda r: train(r.T).T)
+  return run, devices
 
 
 def numpy_sweep(r: np.ndarray, steps: int, eta: float = ETA, alpha: float = ALPHA) -> np.ndarray:

@@ -192,6 +192,8 @@ def test_pg_logit_gradient_is_the_gradient_of_the_regularised_objective():
                            + a * covrl.entropy(zz)))(jnp.asarray(z), jnp.asarray(r),
                                                       jnp.asarray(alpha))
   np.testing.assert_allclose(theory.pg_logit_gradient(z, r, alpha), want, atol=1e-13)
+  np.testing.assert_allclose(theory.pg_logit_gradient(z.T, r.T, alpha, axis=0), np.asarray(want).T,
+                             atol=1e-13)
   # A -inf logit is an action of probability 0: its gradient is 0 and the rest is finite.
   z[0, 0] = -np.inf
   g = np.asarray(theory.pg_logit_gradient(z, r, 0.3))
