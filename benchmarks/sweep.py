@@ -7,8 +7,9 @@ the exact gradient step on J(z) + alpha H(pi), pi = softmax(z):
 
 covrl: `covrl.theory.pg_logit_gradient` (the closed form the exact-gradient dynamics of
 `covrl.tabular` step with) in a `lax.scan`, all instances as one [K, I] array (arms leading),
-jitted and sharded by instance over the machine's CPU cores as JAX devices (`jax.shard_map` over a "data" mesh; the
-part runs in a subprocess with --xla_force_host_platform_device_count = the core count).
+jitted and sharded by instance over the machine's CPU cores as JAX devices (`jax.shard_map`
+over a "data" mesh; the part runs in a subprocess with --xla_force_host_platform_device_count
+= the core count).
 NumPy: the same update written out, vectorised over instances, with preallocated buffers and
 in-place operations (what a careful NumPy user writes), one Python iteration per step; NumPy's
 elementwise functions use one core.
