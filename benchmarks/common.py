@@ -142,6 +142,27 @@ def copy_bandwidth(*, num_bytes: int = 1 << 28, rounds: int = 9) -> dict[str, An
           "bytes_per_s": out[best]["bytes_per_s"]}
 
 
+def run_module_with_devices(module: str, args: Sequence[str], devices: int, *,
+                            timeout_s: float) -> dict[str, Any]:
+  """Run `python -m module args` with `devices` simulated CPU devices; parse its last JSON line.
+
+  A part that needs several JAX devices runs in a subprocess so that the parent keeps one.
+  """
+  import json
+
+  env = dict(os.environ)
+  flags = env.get("XLA_FLAGS", "")
+  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+  proc = subprocess.run([sys.executable, "-m", module, *args], env=env, capture_output=True,
+                        text=True, timeout=timeout_s, cwd=root, check=False)
+  if proc.returncode != 0:
+    raise RuntimeError(f"{module} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def machine_info() -> dict[str, Any]:
   """Where the numbers come from: CPU, cores, thread settings, library versions."""
   import jax

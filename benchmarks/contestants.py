@@ -84,27 +84,42 @@ def covrl_policy_loss(name: str, s: Settings, *, selection: str = "global",
   raise ValueError(f"unknown policy loss {name!r}; choose one of {POLICY_LOSSES}.")
 
 
-def covrl_value_and_grad(name: str, s: Settings, **kwargs) -> Callable:
+# The metrics verl's functions compute (and return with .item()), by covrl name: the
+# like-for-like comparison returns these; covrl's other metrics are then never computed (jit
+# removes unused outputs). "all" returns every covrl metric.
+VERL_METRICS = {
+    "ppo": ("clip_frac", "approx_kl", "clip_frac_lower"),
+    "clip_cov": ("selected_frac", "approx_kl"),
+    "kl_cov": ("approx_kl",),
+    "entropy": ("entropy",),
+}
+
+
+def covrl_value_and_grad(name: str, s: Settings, *, metrics: str = "verl", **kwargs) -> Callable:
   """Jitted (arrays...) -> (loss, grad, metrics): grad wrt log_prob, or wrt logits ("entropy").
 
-  The metrics are returned (and so computed), as a training loop that logs them would; verl's
-  functions compute theirs too.
+  `metrics="verl"` returns the metrics verl computes (VERL_METRICS), `"all"` every covrl metric;
+  the returned ones are computed, as a training loop that logs them would.
   """
+  if metrics not in ("verl", "all"):
+    raise ValueError(f"metrics must be 'verl' or 'all', got {metrics!r}.")
+  keep = (lambda m: m) if metrics == "all" else (
+      lambda m: {k: m[k] for k in VERL_METRICS[name]})
   if name == "entropy":
     def loss(logits, mask):
       return covrl.entropy_bonus_loss(logits, mask, coef=s.entropy_coef,
                                       loss_agg_mode=s.loss_agg_mode)
     vg = jax.value_and_grad(loss, has_aux=True)
-    return jax.jit(lambda logits, mask: _flat(vg(logits, mask)))
+    return jax.jit(lambda logits, mask: _flat(vg(logits, mask), keep))
   fn = covrl_policy_loss(name, s, **kwargs)
   vg = jax.value_and_grad(lambda lp, key, old, adv, mask: fn(key, old, lp, adv, mask),
                           has_aux=True)
-  return jax.jit(lambda key, old, lp, adv, mask: _flat(vg(lp, key, old, adv, mask)))
+  return jax.jit(lambda key, old, lp, adv, mask: _flat(vg(lp, key, old, adv, mask), keep))
 
 
-def _flat(out):
+def _flat(out, keep=lambda m: m):
   (value, metrics), grad = out
-  return value, grad, metrics
+  return value, grad, keep(metrics)
 
 
 def covrl_call(name: str, s: Settings, data: Any, seed: int = 0, **kwargs) -> Callable:

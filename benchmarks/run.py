@@ -212,6 +212,7 @@ def render(report: dict[str, Any]) -> str:
         size += f"x{r['vocab']}"
       rows.append([
           r["loss"], size, _t(r["covrl"]), _t(r["verl"]), f"{r['speedup_vs_verl']:.1f}x",
+          _t(r["covrl_all_metrics"]), f"{r['speedup_all_metrics_vs_verl']:.1f}x",
           f"{r['verl']['min'] / r['covrl']['min']:.1f}x",
           f"{r['covrl_tokens_per_s'] / 1e6:.1f}M", f"{r['verl_tokens_per_s'] / 1e6:.2f}M",
           "-" if r["cost_vs_ppo"] is None else f"{r['cost_vs_ppo']:.2f}x",
@@ -219,7 +220,8 @@ def render(report: dict[str, Any]) -> str:
           f"{r['fraction_of_copy_bandwidth']:.2f}", _t(r["memcpy"]),
           f"{r['fraction_of_memcpy']:.2f}",
       ])
-    lines.append(table(["loss", "B x T (x V)", "covrl", "verl", "covrl/verl", "best/best",
+    lines.append(table(["loss", "B x T (x V)", "covrl", "verl", "covrl/verl",
+                        "covrl, all metrics", "all/verl", "best/best",
                         "covrl tok/s",
                         "verl tok/s", "cost vs PPO", "bytes", "bytes/bw", "of bw",
                         "memcpy same bytes", "of memcpy"], rows))
@@ -230,8 +232,9 @@ def render(report: dict[str, Any]) -> str:
     lines.append(table(["loss", "size", "global (exact)", "local (verl)", "PPO", "global/local"],
                        rows))
   if "sweep" in report:
-    lines += ["", "## Tabular sweep: exact PG + entropy bonus, covrl (jit, scan, vmap) vs NumPy",
-              ""]
+    cores = report["sweep"].get("cores", "?")
+    lines += ["", f"## Tabular sweep: exact PG + entropy bonus, covrl (jit, scan, sharded over "
+              f"{cores} CPU devices) vs NumPy (one core)", ""]
     rows = [[f"{r['instances']}x{r['arms']}x{r['steps']}", _t(r["covrl"]), _t(r["numpy"]),
              f"{r['speedup_vs_numpy']:.1f}x", f"{r['covrl_instance_steps_per_s'] / 1e6:.2f}M",
              f"{r['numpy_instance_steps_per_s'] / 1e6:.2f}M", fmt_time(r["covrl_first_call_s"])]

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 NUM_DEVICES = 8
 
@@ -85,21 +83,11 @@ def _sharded_call(name, s, kwargs, mesh, key, arrays):
 
 def run(sizes=("small", "large"), rounds: int = 15, seed: int = 0, timeout_s: float = 900) -> dict:
   """Run `_measure` in a subprocess with 8 simulated devices and return its JSON."""
-  import subprocess
+  from benchmarks import common
 
-  env = dict(os.environ)
-  flags = env.get("XLA_FLAGS", "")
-  env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={NUM_DEVICES}".strip()
-  env["JAX_PLATFORMS"] = "cpu"
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-  cmd = [sys.executable, "-m", "benchmarks.sharded", "--sizes", ",".join(sizes),
-         "--rounds", str(rounds), "--seed", str(seed)]
-  proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s,
-                        cwd=root, check=False)
-  if proc.returncode != 0:
-    raise RuntimeError(f"sharded benchmark failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-  return json.loads(proc.stdout.strip().splitlines()[-1])
+  args = ["--sizes", ",".join(sizes), "--rounds", str(rounds), "--seed", str(seed)]
+  return common.run_module_with_devices("benchmarks.sharded", args, NUM_DEVICES,
+                                        timeout_s=timeout_s)
 
 
 def main(argv=None) -> None:

@@ -6,8 +6,9 @@
 
 `reproduce` runs every registered claim (every module in covrl.claims.CLAIM_MODULES, so new
 groups join by registering), shows progress, prints a table (claim, measured, predicted or bound,
-pass/fail, seconds), writes DIR/report.md with figures and DIR/results.json, and exits with 1 if
-any claim is not confirmed (2 for bad arguments).
+status, seconds), writes DIR/report.md with figures and DIR/results.json, and exits with 1 if
+a theorem is not confirmed or a check raised (2 for bad arguments). Empirical findings (THEORY.md
+T4) are reported as reproduced or not reproduced; either is a result, not a failure.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def _run_one(claim: registry.Claim, size: str, seed: int) -> registry.ClaimResul
     measurement = registry.Measurement(False, {"error": f"{type(e).__name__}: {e}"}, {},
                                        f"check raised {type(e).__name__}: {e}", notes=note)
     return registry.ClaimResult(claim.claim_id, claim.title, size,
-                                time.perf_counter() - start, measurement)
+                                time.perf_counter() - start, measurement, claim.kind,
+                                error=f"{type(e).__name__}: {e}")
 
 
 def reproduce(size: str, out: str, only: str = "", groups: Sequence[str] | None = None,
@@ -83,13 +85,13 @@ def reproduce(size: str, out: str, only: str = "", groups: Sequence[str] | None 
     print(f"[{i}/{len(chosen)}] {claim.claim_id} {claim.title} ...", flush=True)
     result = _run_one(claim, size, seed)
     results.append(result)
-    status = "confirmed" if result.passed else "NOT CONFIRMED"
-    print(f"    {status} in {result.seconds:.1f}s: {result.measurement.summary}", flush=True)
+    print(f"    {result.status} in {result.seconds:.1f}s: {result.measurement.summary}",
+          flush=True)
   print()
   print(report.table(results))
   doc = report.write(results, {c.claim_id: c for c in chosen}, out, size=size, seed=seed)
-  print(f"\n{doc['num_passed']}/{doc['num_claims']} claims confirmed in "
-        f"{time.perf_counter() - start:.1f}s; report: {out}/report.md, {out}/results.json")
+  print(f"\n{doc['headline']} ({time.perf_counter() - start:.1f}s); report: {out}/report.md, "
+        f"{out}/results.json")
   return 0 if doc["passed"] else 1
 
 

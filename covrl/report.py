@@ -69,8 +69,8 @@ def table(results: Sequence[ClaimResult]) -> str:
   rows = [("claim", "measured", "predicted / bound", "result", "seconds")]
   for r in results:
     m = r.measurement
-    rows.append((r.claim_id, brief(m.measured), brief(m.predicted),
-                 "pass" if r.passed else "FAIL", f"{r.seconds:.1f}"))
+    rows.append((r.claim_id, brief(m.measured), brief(m.predicted), r.status,
+                 f"{r.seconds:.1f}"))
   widths = [max(len(row[i]) for row in rows) for i in range(5)]
   lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))
@@ -133,20 +133,30 @@ def write(results: Sequence[ClaimResult], claims: dict[str, Claim], out_dir: str
         entry["figure_error"] = error
     entries.append(entry)
   passed = sum(r.passed for r in results)
-  doc = {**env, "passed": passed == len(results), "num_passed": passed,
-         "num_claims": len(results), "claims": entries}
+  theorems = [r for r in results if r.kind == "theorem"]
+  empirical = [r for r in results if r.kind == "empirical"]
+  errors = sum(bool(r.error) for r in results)
+  headline = (f"{sum(r.passed for r in theorems)}/{len(theorems)} theorems confirmed, "
+              f"{sum(r.passed for r in empirical)}/{len(empirical)} empirical findings "
+              f"reproduced" + (f", {errors} checks raised" if errors else ""))
+  doc = {**env, "passed": not any(r.failed for r in results), "num_passed": passed,
+         "num_claims": len(results), "num_theorems": len(theorems),
+         "num_theorems_confirmed": sum(r.passed for r in theorems),
+         "num_empirical": len(empirical),
+         "num_empirical_reproduced": sum(r.passed for r in empirical), "num_errors": errors,
+         "headline": headline, "claims": entries}
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(_jsonable(doc), f, indent=1, allow_nan=False)
   with open(os.path.join(out_dir, "report.md"), "w") as f:
-    f.write(_markdown(results, entries, env, passed))
+    f.write(_markdown(results, entries, env, headline))
   return doc
 
 
-def _markdown(results, entries, env, passed) -> str:
+def _markdown(results, entries, env, headline) -> str:
   lines = [
       "# covrl reproduce: the theory, measured",
       "",
-      f"{passed} of {len(results)} claims confirmed at size `{env['size']}` (seed "
+      f"{headline} at size `{env['size']}` (seed "
       f"{env['seed']}). covrl {env['covrl_version']}, JAX {env['jax_version']}, Python "
       f"{env['python_version']}, {env['backend']} x {env['device_count']} "
       f"({env['platform']}), {env['created']}.",
@@ -156,12 +166,12 @@ def _markdown(results, entries, env, passed) -> str:
   ]
   for r in results:
     summary = r.measurement.summary.replace("|", "\\|")
-    lines.append(f"| [{r.claim_id}](#{r.claim_id}) | "
-                 f"{'pass' if r.passed else '**FAIL**'} | {r.seconds:.1f} | {summary} |")
+    status = f"**{r.status}**" if r.failed or not r.passed else r.status
+    lines.append(f"| [{r.claim_id}](#{r.claim_id}) | {status} | {r.seconds:.1f} | {summary} |")
   for r, entry in zip(results, entries):
     m = r.measurement
     lines += ["", f'<a id="{r.claim_id}"></a>', "", f"### {r.claim_id} — {r.title}", "",
-              f"**{'Confirmed' if r.passed else 'Not confirmed'}** in {r.seconds:.1f} s. "
+              f"**{r.status.capitalize()}** ({r.kind}) in {r.seconds:.1f} s. "
               f"{m.summary}", ""]
     if entry.get("proof"):
       lines += [f"Proof: [{entry['proof']}]({entry['proof']})", ""]

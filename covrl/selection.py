@@ -23,6 +23,7 @@ local ones.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -102,6 +103,37 @@ def selection_count(
   return count, k_max
 
 
+def _group_size(size: int, k: int) -> int:
+  """Group size g (a power of two) for `top_k`'s two-level search, or 1 for a plain top_k."""
+  if k < 1 or size < 64 * k:
+    return 1
+  g = 2 ** round(math.log2(math.sqrt(size / k)))  # balances G = size / g against k * g
+  return g if g >= 8 else 1
+
+
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Exact `lax.top_k` of a 1-D array (same values, same indices, ties to the lower index).
+
+  For k much smaller than the size it searches in two levels: split x into groups of g, take the
+  k groups with the largest maxima (ties: lower group), and the top k of their k * g elements.
+  Every top-k element lies in one of those groups: if its group were not among them, the maxima
+  of the k chosen groups would be k elements ranking above it (larger, or equal with a lower
+  index). On CPU this costs one pass over x plus two small top_k's instead of a top_k over all
+  of x (about 1 ms at 524k tokens, several times PPO's own loss).
+  """
+  size = x.shape[0]
+  g = _group_size(size, k)
+  if g == 1:
+    return lax.top_k(x, k)
+  groups = -(-size // g)
+  padded = jnp.pad(x, (0, groups * g - size), constant_values=-jnp.inf).reshape(groups, g)
+  _, chosen = lax.top_k(jnp.max(padded, axis=1), k)
+  chosen = jnp.sort(chosen)  # flat-index order, so top_k's lower-position ties stay lower-index
+  values, pos = lax.top_k(padded[chosen].reshape(-1), k)
+  index = (chosen[:, None] * g + jnp.arange(g)).reshape(-1)[pos]
+  return values, index
+
+
 def _keep_top(
     scores: jax.Array, candidates: jax.Array, count: jax.Array, k_max: int, axis_name
 ) -> jax.Array:
@@ -111,7 +143,7 @@ def _keep_top(
   size = flat.size
   if k_max == 0 or size == 0:
     return jnp.zeros(shape, bool)
-  values, index = lax.top_k(flat, min(k_max, size))
+  values, index = top_k(flat, min(k_max, size))
   if axis_name is not None:
     offset = lax.axis_index(axis_name) * size
     all_values = lax.all_gather(values, axis_name).reshape(-1)

@@ -366,8 +366,7 @@ def _exact_step(config: TabularConfig) -> Callable:
     if coef is not None and bonus:
       alpha = jnp.asarray(coef, z.dtype)
     if config.dynamics == "pg":
-      objective = lambda z: rh @ (jnp.sum(jax.nn.softmax(z) * rr, -1) + alpha * entropy(z))
-      dz = jax.grad(objective)(z)
+      dz = rh[:, None] * theory.pg_logit_gradient(z, rr, alpha)
     elif config.dynamics == "npg":
       soft = rr - alpha * jax.nn.log_softmax(z)
       dz = soft - jnp.sum(jax.nn.softmax(z) * soft, axis=-1, keepdims=True)

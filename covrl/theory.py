@@ -134,6 +134,36 @@ def stationarity_residual(pi: jax.Array, r: jax.Array, alpha: float | jax.Array)
   return adv - _per_row(alpha) * (logp + entropy(logp)[..., None])
 
 
+def pg_logit_gradient(logits: jax.Array, r: jax.Array, alpha: float | jax.Array = 0.0, *,
+                      axis: int = -1) -> jax.Array:
+  """Exact gradient of J_alpha = pi . r + alpha H(pi), pi = softmax(z), with respect to z (T2.1).
+
+  pi * [q - E_pi q] with q = r - alpha log pi. Since a per-row constant in q cancels, q is taken
+  as r - alpha (z - max z): one exponential per entry and two reductions (the normaliser and
+  E_pi q), the fewest of any form (the exact-gradient dynamics of `covrl.tabular` and the
+  tabular benchmark sweep step with it). -inf logits are actions of probability 0.
+
+  Args:
+    logits: [..., K] (or K on `axis`).
+    r: rewards, broadcastable to logits.
+    alpha: bonus coefficient >= 0, a scalar or one per row (the logits' shape without `axis`).
+    axis: the action axis.
+
+  Returns:
+    The gradient, shaped like logits, in their dtype (at least float32).
+  """
+  logits = _checks.upcast(jnp.asarray(logits))
+  r = jnp.asarray(r, logits.dtype)
+  alpha = jnp.expand_dims(jnp.asarray(alpha, logits.dtype), axis) if jnp.ndim(alpha) else alpha
+  shifted = logits - jnp.max(logits, axis=axis, keepdims=True)
+  support = shifted > -jnp.inf
+  e = jnp.where(support, jnp.exp(jnp.where(support, shifted, 0.0)), 0.0)
+  q = jnp.where(support, r - alpha * jnp.where(support, shifted, 0.0), 0.0)
+  total = jnp.sum(e, axis=axis, keepdims=True)
+  expected_q = jnp.sum(e * q, axis=axis, keepdims=True) / total
+  return e / total * (q - expected_q)
+
+
 def mei_gap_bound(t: jax.Array | int, c: float | jax.Array) -> jax.Array:
   """Mei et al. (2020) Theorem 2: with eta = 2/5 and rewards in [0, 1], gap_t <= 5 / (c^2 t).
 

@@ -14,7 +14,7 @@ def test_reproduce_writes_report_and_results(tmp_path, capsys):
   status = cli.main(["reproduce", "--size", "test", "--only", "T2.4,T1.5", "--out", str(out)])
   assert status == 0
   printed = capsys.readouterr().out
-  assert "T2.4" in printed and "pass" in printed and "2/2 claims confirmed" in printed
+  assert "T2.4" in printed and "confirmed" in printed and "2/2 theorems confirmed" in printed
   doc = json.loads((out / "results.json").read_text())
   for field in ("covrl_version", "jax_version", "python_version", "platform", "device_count",
                 "size", "seed", "passed", "claims"):
@@ -65,3 +65,16 @@ def test_list(capsys):
   assert cli.main(["list"]) == 0
   out = capsys.readouterr().out
   assert "T1.1" in out and "T3.6" in out and "[tabular]" in out
+
+
+def test_an_empirical_finding_not_reproduced_is_reported_not_failed(tmp_path, monkeypatch):
+  def differs(size, key):
+    return registry.Measurement(False, {"x": 1.0}, {"x": ">= 2"}, "x is 1, the paper saw 2")
+
+  fake = [registry.Claim("T4.9", "a finding", "fake", differs, kind="empirical")]
+  monkeypatch.setattr(registry, "claims", lambda groups=None: fake)
+  assert cli.main(["reproduce", "--size", "test", "--out", str(tmp_path)]) == 0
+  doc = json.loads((tmp_path / "results.json").read_text())
+  assert doc["claims"][0]["status"] == "not reproduced" and doc["passed"] is True
+  assert doc["num_empirical_reproduced"] == 0
+  assert "not reproduced" in (tmp_path / "report.md").read_text()

@@ -227,3 +227,18 @@ def test_kl_cov_ties_across_devices_follow_global_index():
   expected = np.zeros((8, 2), bool)
   expected[[1, 3], 1] = True
   np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("size, k", [(100, 3), (4096, 7), (50_000, 13), (100_003, 40), (8192, 128)])
+def test_two_level_top_k_equals_lax_top_k_including_ties(size, k):
+  rng = np.random.default_rng(size)
+  # Few distinct values (many ties) and -inf entries, the hard cases for tie-breaking.
+  x = rng.integers(0, 50, size).astype(np.float32)
+  x[rng.random(size) < 0.3] = -np.inf
+  for values in (x, rng.normal(size=size).astype(np.float32), np.full(size, -np.inf, np.float32)):
+    want_v, want_i = jax.lax.top_k(values, k)
+    got_v, got_i = jax.jit(selection.top_k, static_argnums=1)(values, k)
+    np.testing.assert_array_equal(got_v, want_v)
+    finite = np.isfinite(np.asarray(want_v))
+    np.testing.assert_array_equal(np.asarray(got_i)[finite], np.asarray(want_i)[finite])
+  assert selection._group_size(size, k) > 1 or size < 64 * k

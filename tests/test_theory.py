@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import covrl
 from covrl import theory
 
 
@@ -181,3 +182,19 @@ def test_sympy_stationarity_and_kl_identity():
   soft_q = sum(qi * ri for qi, ri in zip(q, r)) - alpha * sum(qi * lq for qi, lq in zip(q, logq))
   kl = sum(p * (lp - lq) for p, lp, lq in zip(pi, logp, logq))
   assert sp.simplify(sp.expand_log(soft_q - objective - alpha * kl, force=True)) == 0
+
+
+def test_pg_logit_gradient_is_the_gradient_of_the_regularised_objective():
+  rng = np.random.default_rng(11)
+  z, r = rng.normal(size=(4, 6)) * 2, rng.random((4, 6))
+  alpha = np.array([0.0, 0.1, 0.5, 2.0])
+  want = jax.vmap(jax.grad(lambda zz, rr, a: jnp.sum(jax.nn.softmax(zz) * rr)
+                           + a * covrl.entropy(zz)))(jnp.asarray(z), jnp.asarray(r),
+                                                      jnp.asarray(alpha))
+  np.testing.assert_allclose(theory.pg_logit_gradient(z, r, alpha), want, atol=1e-13)
+  np.testing.assert_allclose(theory.pg_logit_gradient(z.T, r.T, alpha, axis=0), np.asarray(want).T,
+                             atol=1e-13)
+  # A -inf logit is an action of probability 0: its gradient is 0 and the rest is finite.
+  z[0, 0] = -np.inf
+  g = np.asarray(theory.pg_logit_gradient(z, r, 0.3))
+  assert np.all(np.isfinite(g)) and np.all(g[0, 0] == 0)

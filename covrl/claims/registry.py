@@ -12,6 +12,14 @@ nothing is computed in two places. A check returns what it measured, what the th
 (or the bound it must respect), and whether the measurement confirms the claim; arrays for
 figures go in `series`. A check never decides `passed` by a tolerance tuned to its own output:
 the tolerance is stated in `predicted` and justified in the proof the claim links to.
+
+Two kinds of claims:
+
+  "theorem"    a statement covrl proves (proofs/); a check that does not confirm it is a failure
+               of the code or of the claim, and `covrl reproduce` exits non-zero;
+  "empirical"  a finding reported from real training (Cui et al., THEORY.md T4), measured in
+               covrl's small setting; it is "reproduced" or "not reproduced", both are results,
+               and the report says which. Only a check that crashes fails the run.
 """
 
 from __future__ import annotations
@@ -27,6 +35,8 @@ import numpy as np
 
 Size = Literal["test", "fast", "full"]
 SIZES: tuple[str, ...] = ("test", "fast", "full")
+Kind = Literal["theorem", "empirical"]
+KINDS: tuple[str, ...] = ("theorem", "empirical")
 
 
 @dataclasses.dataclass
@@ -59,18 +69,36 @@ class ClaimResult:
   size: str
   seconds: float
   measurement: Measurement
+  kind: str = "theorem"
+  error: str = ""  # set when the check raised instead of measuring
 
   @property
   def passed(self) -> bool:
-    return bool(self.measurement.passed)
+    """Whether the measurement confirms the claim (or reproduces the finding)."""
+    return bool(self.measurement.passed) and not self.error
+
+  @property
+  def failed(self) -> bool:
+    """A failure of the run: a theorem not confirmed, or any check that raised."""
+    return bool(self.error) or (self.kind == "theorem" and not self.passed)
+
+  @property
+  def status(self) -> str:
+    if self.error:
+      return "ERROR"
+    if self.kind == "empirical":
+      return "reproduced" if self.passed else "not reproduced"
+    return "confirmed" if self.passed else "NOT CONFIRMED"
 
   def to_json(self) -> dict[str, Any]:
     m = self.measurement
     return {
         "id": self.claim_id,
         "title": self.title,
+        "kind": self.kind,
+        "status": self.status,
         "size": self.size,
-        "passed": bool(m.passed),
+        "passed": self.passed,
         "seconds": round(self.seconds, 3),
         "measured": _jsonable(m.measured),
         "predicted": _jsonable(m.predicted),
@@ -89,13 +117,15 @@ class Claim:
   check: Callable[[str, jax.Array], Measurement]
   plot: Callable[[Measurement, Any], None] | None = None
   proof: str = ""
+  kind: str = "theorem"
 
   def run(self, size: Size = "fast", seed: int = 0) -> ClaimResult:
     if size not in SIZES:
       raise ValueError(f"size must be one of {SIZES}, got {size!r}.")
     start = time.perf_counter()
     measurement = self.check(size, jax.random.key(seed))
-    return ClaimResult(self.claim_id, self.title, size, time.perf_counter() - start, measurement)
+    return ClaimResult(self.claim_id, self.title, size, time.perf_counter() - start, measurement,
+                       self.kind)
 
 
 _REGISTRY: dict[str, Claim] = {}
@@ -105,8 +135,10 @@ CLAIM_MODULES: list[str] = ["covrl.claims.tabular", "covrl.claims.transformer",
 
 
 def register(claim_id: str, title: str, *, group: str, proof: str = "",
-             plot: Callable[[Measurement, Any], None] | None = None):
+             plot: Callable[[Measurement, Any], None] | None = None, kind: Kind = "theorem"):
   """Decorator: register `check(size, key) -> Measurement` as the check of `claim_id`.
+
+  `kind` is "theorem" (the default) or "empirical" (see the module docstring).
 
   `plot(measurement, fig)`, when given, draws the claim's figure into `fig`, an empty
   matplotlib Figure (add axes with `fig.subplots(...)`); the report saves it as a PNG.
@@ -115,7 +147,9 @@ def register(claim_id: str, title: str, *, group: str, proof: str = "",
   def wrap(check):
     if claim_id in _REGISTRY:
       raise ValueError(f"claim {claim_id!r} is registered twice.")
-    _REGISTRY[claim_id] = Claim(claim_id, title, group, check, plot, proof)
+    if kind not in KINDS:
+      raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
+    _REGISTRY[claim_id] = Claim(claim_id, title, group, check, plot, proof, kind)
     return check
 
   return wrap

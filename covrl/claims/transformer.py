@@ -396,7 +396,7 @@ def _plot_curves(m: Measurement, fig) -> None:
 
 @register("T4.1", "Entropy collapses early without control (Cui et al.: 73% of the drop in the "
           "first 1/12 of training)", group="transformer", proof="",
-          plot=_plot_curves)
+          plot=_plot_curves, kind="empirical")
 def check_entropy_collapse(size: str, key: jax.Array) -> Measurement:
   comp = lab_comparison(size, _seed(key))
   h = comp.metrics["none"]["entropy"].mean(0)
@@ -444,7 +444,7 @@ def _plot_law(m: Measurement, fig) -> None:
 
 
 @register("T4.2", "Reward follows R = -a exp(H) + b during uncontrolled training (Cui et al.)",
-          group="transformer", proof="", plot=_plot_law)
+          group="transformer", proof="", plot=_plot_law, kind="empirical")
 def check_reward_entropy_law(size: str, key: jax.Array) -> Measurement:
   comp = lab_comparison(size, _seed(key))
   h = comp.metrics["none"]["entropy"].reshape(-1).astype(np.float64)
@@ -485,7 +485,7 @@ def _plot_comparison(m: Measurement, fig) -> None:
 
 
 @register("T4.3", "Clip-Cov and KL-Cov keep entropy above the uncontrolled plateau: all methods "
-          "over seeds", group="transformer", proof="", plot=_plot_comparison)
+          "over seeds", group="transformer", proof="", plot=_plot_comparison, kind="empirical")
 def check_method_comparison(size: str, key: jax.Array) -> Measurement:
   comp = lab_comparison(size, _seed(key))
   rows = comp.table()
