@@ -3,10 +3,15 @@
 The public surface is this module: every name in `__all__` is documented in README.md.
 """
 
-from covrl import bandits, schedules, tabular, theory
+from covrl import bandits, controllers, schedules, tabular, tabular_control, theory
 from covrl.advantages import grpo_advantages
 from covrl.aggregation import LOSS_AGG_MODES, Aggregate, aggregate, denominator
 from covrl.covariance import masked_mean, token_covariance
+from covrl.entropy_prediction import (
+    linearized_logit_update,
+    pooled_entropy,
+    pooled_entropy_change,
+)
 from covrl.losses import (
     abs_zero_grad_at_zero,
     clip_cov_loss,
@@ -40,6 +45,7 @@ __all__ = [
     "clip_cov",
     "clip_cov_loss",
     "clip_cov_select",
+    "controllers",
     "denominator",
     "entropy",
     "entropy_bonus",
@@ -53,13 +59,17 @@ __all__ = [
     "kl_cov",
     "kl_cov_loss",
     "kl_cov_select",
+    "linearized_logit_update",
     "masked_mean",
     "policy_covariance",
     "policy_gradient_loss",
+    "pooled_entropy",
+    "pooled_entropy_change",
     "ppo_loss",
     "schedules",
     "selection_count",
     "tabular",
+    "tabular_control",
     "theory",
     "token_covariance",
 ]

@@ -135,15 +135,24 @@ def write(results: Sequence[ClaimResult], claims: dict[str, Claim], out_dir: str
   passed = sum(r.passed for r in results)
   theorems = [r for r in results if r.kind == "theorem"]
   empirical = [r for r in results if r.kind == "empirical"]
+  targets = [r for r in results if r.kind == "target"]
   errors = sum(bool(r.error) for r in results)
-  headline = (f"{sum(r.passed for r in theorems)}/{len(theorems)} theorems confirmed, "
-              f"{sum(r.passed for r in empirical)}/{len(empirical)} empirical findings "
-              f"reproduced" + (f", {errors} checks raised" if errors else ""))
+  parts = [f"{sum(r.passed for r in theorems)}/{len(theorems)} theorems confirmed"]
+  if empirical:
+    parts.append(f"{sum(r.passed for r in empirical)}/{len(empirical)} empirical findings "
+                 "reproduced")
+  if targets:
+    parts.append(f"{sum(r.passed for r in targets)}/{len(targets)} targets met")
+  if errors:
+    parts.append(f"{errors} checks raised")
+  headline = ", ".join(parts)
   doc = {**env, "passed": not any(r.failed for r in results), "num_passed": passed,
          "num_claims": len(results), "num_theorems": len(theorems),
          "num_theorems_confirmed": sum(r.passed for r in theorems),
          "num_empirical": len(empirical),
-         "num_empirical_reproduced": sum(r.passed for r in empirical), "num_errors": errors,
+         "num_empirical_reproduced": sum(r.passed for r in empirical),
+         "num_targets": len(targets), "num_targets_met": sum(r.passed for r in targets),
+         "num_errors": errors,
          "headline": headline, "claims": entries}
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(_jsonable(doc), f, indent=1, allow_nan=False)

@@ -393,7 +393,7 @@ def _plot_cost(m: Measurement, fig) -> None:
 
 @register("C3", "Cost and sparsity: a predictive step costs at most 1.2x a fixed-coefficient "
           "step; the fraction of tokens touched", group="control", proof=_proof("C3"),
-          plot=_plot_cost, kind="empirical")
+          plot=_plot_cost, kind="target")
 def check_cost(size: str, key: jax.Array) -> Measurement:
   num_steps = u.pick(size, 100, 200, 400)
   config = _config(_bandit10(), num_steps)

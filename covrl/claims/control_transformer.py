@@ -163,7 +163,7 @@ def _plot(m: Measurement, fig) -> None:
 
 
 @register("C1.tf", "Tracking in the transformer GRPO loop: predictive versus reactive, PID and "
-          "fixed", group="control", proof=_proof("C1.tf"), plot=_plot, kind="empirical")
+          "fixed", group="control", proof=_proof("C1.tf"), plot=_plot, kind="target")
 def check_tracking_transformer(size: str, key: jax.Array) -> Measurement:
   run = _compare(size, key)
   rows, errs = {}, {}
@@ -226,7 +226,7 @@ def _plot_cost(m: Measurement, fig) -> None:
 
 @register("C3.tf", "Cost in the transformer GRPO loop: a predictive step against the lab's own "
           "step with a fixed bonus", group="control", proof=_proof("C3"), plot=_plot_cost,
-          kind="empirical")
+          kind="target")
 def check_cost_transformer(size: str, key: jax.Array) -> Measurement:
   run = _compare(size, key)
   config, path = run["config"], run["path"]

@@ -13,13 +13,16 @@ nothing is computed in two places. A check returns what it measured, what the th
 figures go in `series`. A check never decides `passed` by a tolerance tuned to its own output:
 the tolerance is stated in `predicted` and justified in the proof the claim links to.
 
-Two kinds of claims:
+Three kinds of claims:
 
   "theorem"    a statement covrl proves (proofs/); a check that does not confirm it is a failure
                of the code or of the claim, and `covrl reproduce` exits non-zero;
   "empirical"  a finding reported from real training (Cui et al., THEORY.md T4), measured in
-               covrl's small setting; it is "reproduced" or "not reproduced", both are results,
-               and the report says which. Only a check that crashes fails the run.
+               covrl's small setting: "reproduced" or "not reproduced";
+  "target"     a quantitative goal set for covrl itself (a tracking error, a cost per step),
+               measured: "met" or "not met".
+Empirical findings and targets are results either way, and the report says which; only a check
+that crashes fails the run for them.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ import numpy as np
 
 Size = Literal["test", "fast", "full"]
 SIZES: tuple[str, ...] = ("test", "fast", "full")
-Kind = Literal["theorem", "empirical"]
-KINDS: tuple[str, ...] = ("theorem", "empirical")
+Kind = Literal["theorem", "empirical", "target"]
+KINDS: tuple[str, ...] = ("theorem", "empirical", "target")
 
 
 @dataclasses.dataclass
@@ -88,6 +91,8 @@ class ClaimResult:
       return "ERROR"
     if self.kind == "empirical":
       return "reproduced" if self.passed else "not reproduced"
+    if self.kind == "target":
+      return "met" if self.passed else "not met"
     return "confirmed" if self.passed else "NOT CONFIRMED"
 
   def to_json(self) -> dict[str, Any]:
@@ -138,7 +143,7 @@ def register(claim_id: str, title: str, *, group: str, proof: str = "",
              plot: Callable[[Measurement, Any], None] | None = None, kind: Kind = "theorem"):
   """Decorator: register `check(size, key) -> Measurement` as the check of `claim_id`.
 
-  `kind` is "theorem" (the default) or "empirical" (see the module docstring).
+  `kind` is "theorem" (the default), "empirical" or "target" (see the module docstring).
 
   `plot(measurement, fig)`, when given, draws the claim's figure into `fig`, an empty
   matplotlib Figure (add axes with `fig.subplots(...)`); the report saves it as a PNG.

@@ -15,7 +15,7 @@ Example:
   ['approx_kl', 'clip_frac', 'clip_frac_lower']
 """
 
-from covrl.transformer import control, lab, tasks
+from covrl.transformer import control, controlled, lab, tasks
 from covrl.transformer.bench import benchmark, benchmark_hook
 from covrl.transformer.config import GRPOConfig
 from covrl.transformer.control import METHODS, Control
@@ -38,6 +38,7 @@ __all__ = [
     "benchmark",
     "benchmark_hook",
     "control",
+    "controlled",
     "get_trainer",
     "init_params",
     "lab",
