@@ -96,7 +96,7 @@ def _metrics(
     log_ratio: jax.Array,
     clipped: jax.Array | None = None,
     clipped_lower: jax.Array | None = None,
-    selected: jax.Array | None = None,
+    num_selected: jax.Array | None = None,
     logits: jax.Array | None = None,
     logit_update: jax.Array | None = None,
 ) -> Metrics:
@@ -110,7 +110,7 @@ def _metrics(
       "clip_frac": zero if clipped is None else jnp.sum(clipped, dtype=dtype),
       "clip_frac_lower": zero if clipped_lower is None else jnp.sum(clipped_lower, dtype=dtype),
       "cov_mean": jnp.sum(cov),
-      "selected_frac": zero if selected is None else jnp.sum(selected, dtype=dtype),
+      "selected_frac": zero if num_selected is None else num_selected.astype(dtype),
   }
   cov_max = jnp.max(jnp.where(t.valid, cov, -jnp.inf))
   nonfinite, count = t.nonfinite, t.count
@@ -257,15 +257,19 @@ def ppo_loss(
 
 
 def _grouped(fn: Callable, arrays: tuple[jax.Array, ...], micro_batch_size: int | None):
-  """Apply fn(row_offset, *arrays) to consecutive row groups of micro_batch_size rows."""
+  """Apply fn(row_offset, *arrays) to consecutive row groups of micro_batch_size rows.
+
+  fn returns (per-row arrays, per-group scalars): the first are joined back into [batch, ...],
+  the second returned as [groups] arrays.
+  """
   batch = arrays[0].shape[0]
   size = batch if micro_batch_size is None else micro_batch_size
   if size < 1 or batch % size:
     raise ValueError(f"micro_batch_size={size} must divide the batch of {batch} rows.")
   groups = batch // size
   split = [a.reshape(groups, size, *a.shape[1:]) for a in arrays]
-  out = jax.vmap(fn)(jnp.arange(groups) * size, *split)
-  return jax.tree.map(lambda o: o.reshape(batch, *o.shape[2:]), out)
+  rows, per_group = jax.vmap(fn)(jnp.arange(groups) * size, *split)
+  return jax.tree.map(lambda o: o.reshape(batch, *o.shape[2:]), rows), per_group
 
 
 def _check_selection(selection: str, micro_batch_size) -> None:
@@ -333,28 +337,29 @@ def clip_cov_loss(
   clipped = clipped & t.valid
   select = lambda k, off, c, v, e, ax: sel.clip_cov_select(
       k, c, v, ratio=clip_cov_ratio, lb=clip_cov_lb, ub=clip_cov_ub, eligible=e,
-      min_count=min_count, max_ratio=max_ratio, axis_name=ax, row_offset=off,
+      min_count=min_count, max_ratio=max_ratio, axis_name=ax, row_offset=off, return_count=True,
   )
-  cov, chosen = _covariance_and_selection(
+  cov, chosen, num_chosen = _covariance_and_selection(
       t, selected, selection, micro_batch_size, axis_name, key, select, eligible=~clipped
   )
   loss_mat = jnp.where(chosen, 0.0, loss_mat)
   aggregate = _aggregate(loss_mat, t, loss_agg_mode, denominator, horizon, axis_name)
   return aggregate.value, _metrics(
-      t, aggregate, cov, axis_name, log_ratio=log_ratio, clipped=clipped, selected=chosen,
-      logits=logits, logit_update=logit_update,
+      t, aggregate, cov, axis_name, log_ratio=log_ratio, clipped=clipped,
+      num_selected=num_chosen, logits=logits, logit_update=logit_update,
   )
 
 
 def _covariance_and_selection(t, selected, selection, micro_batch_size, axis_name, key, select,
                               eligible):
-  """c_i and the selected mask: global, per local group of rows, or precomputed."""
+  """c_i, the selected mask and the number selected here: global, per group of rows, or given."""
   if selection == "global" or selected is not None:
     cov = centred_product(t.new, t.adv, t.valid, axis_name=axis_name, count=t.count)
     if selected is not None:
       _checks.check_same_shape(("selected", "log_prob"), (selected, t.new))
-      return cov, jnp.asarray(selected, bool) & t.valid
-    return cov, select(key, 0, cov, t.valid, eligible, axis_name)
+      chosen = jnp.asarray(selected, bool) & t.valid
+      return cov, chosen, jnp.sum(chosen, dtype=jnp.int32)
+    return (cov, *select(key, 0, cov, t.valid, eligible, axis_name))
 
   # Local mode, as verl selects per micro-batch and per rank: statistics and counts per group of
   # rows of this device's shard; the loss is still aggregated over the whole batch.
@@ -362,9 +367,11 @@ def _covariance_and_selection(t, selected, selection, micro_batch_size, axis_nam
 
   def group(offset, new, adv, valid, elig):
     c = centred_product(new, adv, valid)
-    return c, select(key, base + offset, c, valid, elig, None)
+    chosen, num = select(key, base + offset, c, valid, elig, None)
+    return (c, chosen), num
 
-  return _grouped(group, (t.new, t.adv, t.valid, eligible), micro_batch_size)
+  (cov, chosen), num = _grouped(group, (t.new, t.adv, t.valid, eligible), micro_batch_size)
+  return cov, chosen, jnp.sum(num)
 
 
 @jax.custom_jvp
@@ -428,17 +435,18 @@ def kl_cov_loss(
   t = _tokens(old_log_prob, log_prob, advantages, response_mask)
   log_ratio, ratio = _ratio(t)
   select = lambda _key, _offset, c, v, _elig, ax: sel.kl_cov_select(
-      c, v, ratio=kl_cov_ratio, min_count=min_count, max_ratio=max_ratio, axis_name=ax
+      c, v, ratio=kl_cov_ratio, min_count=min_count, max_ratio=max_ratio, axis_name=ax,
+      return_count=True,
   )
-  cov, chosen = _covariance_and_selection(
+  cov, chosen, num_chosen = _covariance_and_selection(
       t, selected, selection, micro_batch_size, axis_name, None, select, eligible=t.valid
   )
   penalty = kl_coef * abs_zero_grad_at_zero(t.new - t.old)
   loss_mat = -t.adv * ratio + jnp.where(chosen, penalty, 0.0)
   aggregate = _aggregate(loss_mat, t, loss_agg_mode, denominator, horizon, axis_name)
   return aggregate.value, _metrics(
-      t, aggregate, cov, axis_name, log_ratio=log_ratio, selected=chosen, logits=logits,
-      logit_update=logit_update,
+      t, aggregate, cov, axis_name, log_ratio=log_ratio, num_selected=num_chosen,
+      logits=logits, logit_update=logit_update,
   )
 
 

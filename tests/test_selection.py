@@ -242,3 +242,35 @@ def test_two_level_top_k_equals_lax_top_k_including_ties(size, k):
     finite = np.isfinite(np.asarray(want_v))
     np.testing.assert_array_equal(np.asarray(got_i)[finite], np.asarray(want_i)[finite])
   assert selection._group_size(size, k) > 1 or size < 64 * k
+
+
+@pytest.mark.parametrize("kind", ["kl", "clip"])
+@pytest.mark.parametrize("ratio", [0.0, 0.01, 0.3, 1.0])
+def test_return_count_equals_mask_sum_on_one_and_eight_devices(kind, ratio):
+  """The count read off the top-K list is the mask's sum, per device under shard_map."""
+  lp, adv, mask = batch(11, b=16, t=24)
+  key = jax.random.key(3)
+  kw = dict(ratio=ratio, return_count=True)
+  if kind == "clip":
+    kw.update(lb=0.05, ub=2.0)
+
+  def select(c, m, **extra):
+    if kind == "kl":
+      return covrl.kl_cov_select(c, m, **kw, **extra)
+    return covrl.clip_cov_select(key, c, m, **kw, **extra)
+
+  chosen, num = select(covrl.token_covariance(lp, adv, mask), mask)
+  assert int(num) == int(np.asarray(chosen).sum()) > 0
+  assert num.dtype == jnp.int32 and num.shape == ()
+
+  def local(l, a, m):
+    c = covrl.token_covariance(l, a, m, axis_name="data")
+    chosen, num = select(c, m, axis_name="data")
+    return chosen, num[None]
+
+  sm = jax.jit(jax.shard_map(local, mesh=mesh8(), in_specs=(P("data"),) * 3,
+                             out_specs=(P("data"), P("data"))))
+  chosen8, num8 = sm(lp, adv, mask)
+  np.testing.assert_array_equal(chosen8, chosen)
+  per_device = np.asarray(chosen8).reshape(8, -1).sum(axis=1)
+  np.testing.assert_array_equal(num8, per_device)
