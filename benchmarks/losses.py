@@ -10,7 +10,10 @@ For each size [batch, time] every contestant runs on the same inputs, interleave
                 selected fraction, non-finite count, ...), which costs extra reductions;
   verl/<loss>   verl 0.9's function on torch tensors, then backward();
 Ratios (covrl/verl, cost against PPO, fraction of memcpy) are medians over rounds of the ratio
-of the two samples taken in the same round (`common.paired_ratio`).
+of the two samples taken in the same round (`common.paired_ratio`). The cost of Clip-Cov and
+KL-Cov against PPO comes from a second set of rounds with covrl's three losses alone: a covrl
+call right after a torch call runs 30-50% slower (cold caches, threads to wake), and in the shared
+rounds only some losses follow a verl call, which would bias the ratio between covrl's own.
   memcpy        np.copyto of as many bytes as the loss must move at least (its inputs read once,
                 its gradient written once): the physical limit of a memory-bound loss on this
                 machine at this working-set size, measured in the same rounds.
@@ -58,8 +61,8 @@ def _memcpy(num_bytes: int):
   return lambda: np.copyto(dst, src)
 
 
-def _row(size, name, tokens, num_bytes, t: dict[str, common.Timing], ppo: common.Timing | None
-         ) -> dict[str, Any]:
+def _row(size, name, tokens, num_bytes, t: dict[str, common.Timing],
+         alone: dict[str, common.Timing] | None) -> dict[str, Any]:
   cv, vl, cp = t[f"covrl/{name}"], t[f"verl/{name}"], t["memcpy"]
   ca = t.get(f"covrl_all/{name}", cv)
   return {
@@ -70,7 +73,12 @@ def _row(size, name, tokens, num_bytes, t: dict[str, common.Timing], ppo: common
       "speedup_all_metrics_vs_verl": common.paired_ratio(vl, ca)["median"],
       "speedup_vs_verl_quartiles": common.paired_ratio(vl, cv),
       "covrl_tokens_per_s": tokens / cv.median, "verl_tokens_per_s": tokens / vl.median,
-      "cost_vs_ppo": None if ppo is None else common.paired_ratio(cv, ppo)["median"],
+      # From the covrl-only rounds: in the rounds shared with verl, a covrl call that follows a
+      # torch call runs 30-50% slower (cold caches, woken threads), and which losses follow
+      # verl's depends on the order, which would bias a ratio between covrl's own losses.
+      "cost_vs_ppo": None if alone is None else common.paired_ratio(
+          alone[f"covrl/{name}"], alone["covrl/ppo"])["median"],
+      "covrl_alone": None if alone is None else alone[f"covrl/{name}"].as_dict(),
       "bytes_moved": num_bytes,
       "memcpy_bytes_per_s": num_bytes / cp.median,
       "fraction_of_memcpy": common.paired_ratio(cp, cv)["median"],
@@ -93,8 +101,11 @@ def run(sizes=("small", "large"), *, rounds: int = 21, entropy_rounds: int = 5,
       group[f"verl/{name}"] = C.verl_call(name, s, data)
     log(f"  policy losses at {size} {batch}x{time}: {rounds} interleaved rounds")
     t = common.interleaved(group, rounds=rounds)
+    log(f"  covrl's policy losses alone at {size}: {rounds} interleaved rounds (cost vs PPO)")
+    alone = common.interleaved({f"covrl/{n}": group[f"covrl/{n}"] for n in C.POLICY_LOSSES},
+                               rounds=rounds)
     for name in C.POLICY_LOSSES:
-      rows.append(_row(size, name, batch * time, policy_bytes(batch, time), t, t["covrl/ppo"]))
+      rows.append(_row(size, name, batch * time, policy_bytes(batch, time), t, alone))
     del group
     if size in entropy_sizes:
       vocab = ENTROPY_VOCAB[size]

@@ -215,6 +215,7 @@ def render(report: dict[str, Any]) -> str:
           _t(r["covrl_all_metrics"]), f"{r['speedup_all_metrics_vs_verl']:.1f}x",
           f"{r['verl']['min'] / r['covrl']['min']:.1f}x",
           f"{r['covrl_tokens_per_s'] / 1e6:.1f}M", f"{r['verl_tokens_per_s'] / 1e6:.2f}M",
+          "-" if not r.get("covrl_alone") else _t(r["covrl_alone"]),
           "-" if r["cost_vs_ppo"] is None else f"{r['cost_vs_ppo']:.2f}x",
           f"{r['bytes_moved'] / 2**20:.1f} MiB", fmt_time(r["time_at_copy_bandwidth_s"]),
           f"{r['fraction_of_copy_bandwidth']:.2f}", _t(r["memcpy"]),
@@ -223,7 +224,7 @@ def render(report: dict[str, Any]) -> str:
     lines.append(table(["loss", "B x T (x V)", "covrl", "verl", "covrl/verl",
                         "covrl, all metrics", "all/verl", "best/best",
                         "covrl tok/s",
-                        "verl tok/s", "cost vs PPO", "bytes", "bytes/bw", "of bw",
+                        "verl tok/s", "covrl alone", "cost vs PPO", "bytes", "bytes/bw", "of bw",
                         "memcpy same bytes", "of memcpy"], rows))
   if "sharded" in report:
     lines += ["", "## Selection on 8 simulated CPU devices (shard_map), forward + backward", ""]
