@@ -160,23 +160,10 @@ class ModularAddition(Task):
     return (total[:, None] // weights[None]) % s
 
 
-@dataclasses.dataclass(frozen=True)
-class Sort(Task):
-  """Sort `length` symbols ascending (prompt "x_1..x_n |").
+class _SymbolsTask(Task):
+  """A prompt of `length` symbols then a separator; the answer is `length` symbols."""
 
-  Attributes:
-    num_symbols: alphabet size S.
-    length: number of symbols n.
-    reward: "exact" or "partial".
-  """
-
-  num_symbols: int = 8
-  length: int = 4
-  reward: RewardKind = "exact"
-
-  def __post_init__(self):
-    self._check()
-    _int_at_least("length", self.length, 1)
+  length: int
 
   @property
   def num_special(self) -> int:
@@ -194,12 +181,31 @@ class Sort(Task):
     items = jax.random.randint(key, (n, self.length), 0, self.num_symbols, jnp.int32)
     return jnp.concatenate([items, jnp.full((n, 1), self.num_symbols, jnp.int32)], axis=1)
 
+
+@dataclasses.dataclass(frozen=True)
+class Sort(_SymbolsTask):
+  """Sort `length` symbols ascending (prompt "x_1..x_n |").
+
+  Attributes:
+    num_symbols: alphabet size S.
+    length: number of symbols n.
+    reward: "exact" or "partial".
+  """
+
+  num_symbols: int = 8
+  length: int = 4
+  reward: RewardKind = "exact"
+
+  def __post_init__(self):
+    self._check()
+    _int_at_least("length", self.length, 1)
+
   def answers(self, prompts: jax.Array) -> jax.Array:
     return jnp.sort(prompts[:, :self.length], axis=1)
 
 
 @dataclasses.dataclass(frozen=True)
-class CopyTwist(Task):
+class CopyTwist(_SymbolsTask):
   """Copy with a twist: the prompt reversed, each symbol shifted by `shift` mod S.
 
   Attributes:
@@ -223,22 +229,6 @@ class CopyTwist(Task):
       raise ValueError(f"shift must be an int, got {self.shift!r}.")
     if not isinstance(self.reverse, bool):
       raise ValueError(f"reverse must be a bool, got {self.reverse!r}.")
-
-  @property
-  def num_special(self) -> int:
-    return 2  # separator, EOS
-
-  @property
-  def prompt_length(self) -> int:
-    return self.length + 1
-
-  @property
-  def response_length(self) -> int:
-    return self.length
-
-  def prompts(self, key: jax.Array, n: int) -> jax.Array:
-    items = jax.random.randint(key, (n, self.length), 0, self.num_symbols, jnp.int32)
-    return jnp.concatenate([items, jnp.full((n, 1), self.num_symbols, jnp.int32)], axis=1)
 
   def answers(self, prompts: jax.Array) -> jax.Array:
     items = prompts[:, :self.length]
