@@ -204,7 +204,7 @@ class Trainer:
           cfg, self.model, params, mb, jax.random.fold_in(k_epoch, index), state.control,
           state.step, on_policy)
       updates, opt_state = self.optimizer.update(grads, opt_state, params)
-      metrics["grad_norm"] = optax.global_norm(grads)
+      metrics["grad_norm"] = jnp.sqrt(sum(jnp.vdot(g, g) for g in jax.tree.leaves(grads)))
       return (optax.apply_updates(params, updates), opt_state, k_epoch, e), (metrics, selected)
 
     def epoch(carry, e):
