@@ -518,7 +518,14 @@ def _sampled_step(config: TabularConfig) -> Callable:
     else:
       order = jnp.arange(n)[None]
     batches = order.reshape(epochs * minibatches, size)
-    z, (selected, clipped) = lax.scan(update, z, (batches, jnp.arange(epochs * minibatches)))
+    if epochs * minibatches == 1:
+      # No loop for a single update: under vmap over the coefficient (a controller evaluating
+      # candidate updates) a scan would batch its whole body through the carried logits; called
+      # directly, only what depends on the coefficient is batched.
+      z, fracs = update(z, (batches[0], jnp.zeros((), jnp.int32)))
+      selected, clipped = (f[None] for f in fracs)
+    else:
+      z, (selected, clipped) = lax.scan(update, z, (batches, jnp.arange(epochs * minibatches)))
     new = TrainState(z, state.key, t + 1, hyper)
     return new, (jnp.mean(selected).astype(z.dtype), jnp.mean(clipped).astype(z.dtype))
 
