@@ -320,6 +320,14 @@ def _measured(entropy: Any) -> jax.Array:
   return _checks.upcast(h)
 
 
+def _tracking_error(path: TargetPath, state: ControllerState, entropy: Any
+                    ) -> tuple[jax.Array, jax.Array]:
+  """(H*(t), e_t = H*(t) - H_t), in the measured entropy's (upcast) dtype."""
+  h = _measured(entropy)
+  goal = path(state.count).astype(h.dtype)
+  return goal, goal - h
+
+
 def _target_path(target: Any, vocab_size: int, num_steps: int | None) -> TargetPath:
   path = as_target(target, num_steps)
   check_target(path, vocab_size)
@@ -421,10 +429,8 @@ def reactive(
 
   def update(state: ControllerState, entropy: jax.Array, predict: Predictor | None = None):
     del predict
-    h = _measured(entropy)
-    dt = h.dtype
-    goal = path(state.count).astype(dt)
-    error = goal - h
+    goal, error = _tracking_error(path, state, entropy)
+    dt = error.dtype
     below = (state.error.astype(dt) if delay else error) > 0
     step = jnp.asarray(d, dt)
     if delay:
@@ -516,10 +522,8 @@ def pid(
 
   def update(state: ControllerState, entropy: jax.Array, predict: Predictor | None = None):
     del predict
-    h = _measured(entropy)
-    dt = h.dtype
-    goal = path(state.count).astype(dt)
-    error = goal - h
+    goal, error = _tracking_error(path, state, entropy)
+    dt = error.dtype
     previous = jnp.where(state.count == 0, error, state.error.astype(dt))
     integral = state.level.astype(dt) + error
     raw = (c0 + jnp.asarray(kp_, dt) * error + jnp.asarray(ki_, dt) * integral
