@@ -76,11 +76,11 @@ def covrl_policy_loss(name: str, s: Settings, *, selection: str = "global",
   local = {"selection": selection, "micro_batch_size": micro_batch_size}
   if name == "clip_cov":
     return lambda key, old, lp, adv, mask: covrl.clip_cov_loss(
-        key, old, lp, adv, mask, clip_ratio=s.clip_ratio, clip_cov_ratio=s.clip_cov_ratio,
+        old, lp, adv, mask, key=key, clip_ratio=s.clip_ratio, clip_cov_ratio=s.clip_cov_ratio,
         clip_cov_lb=s.clip_cov_lb, clip_cov_ub=s.clip_cov_ub, **local, **common)
   if name == "kl_cov":
     return lambda key, old, lp, adv, mask: covrl.kl_cov_loss(
-        old, lp, adv, mask, kl_cov_ratio=s.kl_cov_ratio, kl_coef=s.kl_coef, **local, **common)
+        old, lp, adv, mask, kl_cov_ratio=s.kl_cov_ratio, ppo_kl_coef=s.kl_coef, **local, **common)
   raise ValueError(f"unknown policy loss {name!r}; choose one of {POLICY_LOSSES}.")
 
 
@@ -88,9 +88,9 @@ def covrl_policy_loss(name: str, s: Settings, *, selection: str = "global",
 # like-for-like comparison returns these; covrl's other metrics are then never computed (jit
 # removes unused outputs). "all" returns every covrl metric.
 VERL_METRICS = {
-    "ppo": ("clip_frac", "approx_kl", "clip_frac_lower"),
-    "clip_cov": ("selected_frac", "approx_kl"),
-    "kl_cov": ("approx_kl",),
+    "ppo": ("clip_frac", "ppo_kl", "clip_frac_lower"),
+    "clip_cov": ("selected_frac", "ppo_kl"),
+    "kl_cov": ("ppo_kl",),
     "entropy": ("entropy",),
 }
 

@@ -10,7 +10,11 @@ Cases, each on boundary-free inputs (`benchmarks.inputs`):
     batch's token and sequence counts, gradients accumulated, against covrl's
     selection="local", micro_batch_size=... on the whole batch in one call;
   * a control that must fail: covrl's global selection against verl's per-micro-batch one
-    (they select different tokens), so the check is known to be able to fail.
+    (they select different tokens), so the check is known to be able to fail;
+  * exactly at the bounds (`bound_cases`): ratios exactly 1 - eps, 1 + eps and the dual-clip c
+    (float32 inputs whose exp is the bound in both frameworks), log-ratios exactly +-20, for
+    PPO, Clip-Cov and KL-Cov: loss, every gradient entry to 8 ulps of itself (torch.clamp's
+    derivative 1 at a bound, which covrl's clamp follows) and verl's ppo_kl metric.
 
 Settings: Clip-Cov with clip_cov_ratio = 1 (every candidate is detached, so verl's random
 permutation does not matter); KL-Cov with kl_cov_ratio = 2e-3 and verl's ppo_kl_coef 0.1; inputs
@@ -31,6 +35,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import contestants as C
@@ -177,9 +183,75 @@ def cases(batch: int = 32, time: int = 512, *, micro_batches: int = 4, vocab: in
 
 
 def check(**kwargs) -> list[Case]:
-  """Run every case; raise ParityError listing the failures, else return the cases."""
+  """Run every case and the bound cases; raise ParityError listing the failures, else return
+  the cases."""
   results = cases(**kwargs)
-  bad = [c for c in results if not c.ok]
+  bad = [c.describe() for c in results if not c.ok]
+  bad += [f"at the bounds, {what}: |d|={err:.2e} > {tol:.2e}" for what, err, tol in bound_cases()
+          if not err <= tol]
   if bad:
-    raise ParityError("covrl and verl disagree:\n  " + "\n  ".join(c.describe() for c in bad))
+    raise ParityError("covrl and verl disagree:\n  " + "\n  ".join(bad))
   return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Exactly at the bounds: the clip edges, the dual-clip constant and the log-ratio clamp.
+
+
+def exact_log(target: float) -> np.float32:
+  """A float32 x with exp(x) == float32(target) exactly in both PyTorch and XLA.
+
+  The float32 neighbours of log(target) are tried in order of distance; the inputs built from
+  them put a ratio exactly on a bound in both frameworks, so the comparison tests the
+  derivative convention there, not exp's last bit.
+  """
+  import torch
+
+  t = np.float32(target)
+  x0 = np.array([np.log(np.float64(t))], np.float32)
+  steps = np.array(sorted(range(-64, 65), key=abs), np.int32)
+  cands = (x0.view(np.int32) + steps).view(np.float32)
+  ok = (torch.exp(torch.from_numpy(cands)).numpy() == t) & (np.asarray(jnp.exp(cands)) == t)
+  if not ok.any():
+    raise RuntimeError(f"no float32 x near log({target}) with exp(x) == {t} in both frameworks.")
+  return cands[np.argmax(ok)]
+
+
+def bound_inputs(s: C.Settings) -> tuple[np.ndarray, ...]:
+  """One row of tokens, each exactly on a bound: r = 1 - eps, 1 + eps and c with both signs of
+  A, log r = +-20 exactly, and two ordinary tokens (verl's argument order, float32)."""
+  lo, hi, c = (exact_log(v) for v in (1.0 - s.clip_ratio, 1.0 + s.clip_ratio, s.clip_ratio_c))
+  rows = [  # (old_log_prob, log_prob, advantage)
+      (0.0, lo, -1.0), (0.0, lo, 1.0), (0.0, hi, 1.0), (0.0, hi, -1.0), (0.0, c, -1.0),
+      (0.0, c, 1.0), (-20.0, 0.0, 1.0), (-20.0, 0.0, -1.0), (20.0, 0.0, 1.0), (20.0, 0.0, -1.0),
+      (-0.5, -0.4, 0.7), (-1.0, -1.3, -0.4)]
+  old, lp, adv = (np.array([[r[i] for r in rows]], np.float32) for i in range(3))
+  return old, lp, adv, np.ones_like(old)
+
+
+def bound_cases() -> list[tuple[str, float, float]]:
+  """(what, error, tolerance) for each loss on `bound_inputs`: the loss, each gradient entry
+  (relative to its own size, 8 ulps) and verl's ppo_kl metric. Clip-Cov's band is put where no
+  token lies, so only its PPO part and its unclamped log-ratio are exercised."""
+  import torch
+  from verl.trainer.ppo import core_algos
+
+  out = []
+  for name, s in (("ppo", C.Settings()),
+                  ("clip_cov", C.Settings(clip_cov_ratio=1.0, clip_cov_lb=1e6, clip_cov_ub=2e6)),
+                  ("kl_cov", C.Settings(kl_cov_ratio=0.5))):
+    data = bound_inputs(s)
+    fn = C.covrl_value_and_grad(name, s)
+    cl, cg, cm = fn(jax.random.key(0), *data)
+    vl, vg = C.verl_call(name, s, data)()
+    config = C.verl_config(name, s, {"dp_size": 1, "batch_num_tokens": int(data[-1].sum()),
+                                     "global_batch_size": 1}, 1)
+    _, vm = getattr(core_algos, C.VERL_NAMES[name])(
+        *(torch.from_numpy(a) for a in data), loss_agg_mode=s.loss_agg_mode, config=config)
+    cg, vg = np.asarray(cg, np.float64), C.as_numpy(vg).astype(np.float64)
+    rel = np.abs(cg - vg) / np.maximum(np.abs(vg), np.finfo(np.float32).tiny)
+    out += [(f"{name} loss", abs(float(cl) - float(vl)), LOSS_RTOL * _loss_scale(name, s, data)),
+            (f"{name} gradient (relative, worst entry)", float(rel.max()), 8 * EPS32),
+            (f"{name} ppo_kl", abs(float(cm["ppo_kl"]) - vm["actor/ppo_kl"]),
+             8 * EPS32 * max(abs(vm["actor/ppo_kl"]), 1.0))]
+  return out

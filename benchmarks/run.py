@@ -9,7 +9,7 @@ Parts (all by default, in this order):
                against verl (PyTorch, CPU), interleaved, with a memcpy of the same bytes;
   sharded      global-exact against local selection on 8 simulated devices (a subprocess);
   sweep        the tabular exact-PG-with-bonus sweep, covrl against vectorised NumPy;
-  transformer  tokens per second of the transformer lab's rollout and update (when merged).
+  transformer  tokens per second of the transformer lab's rollout and update.
 
 --quick: fewer rounds, the entropy bonus and parity at the small size only, and the large sweep
 cut to 1,000 steps (about two minutes on 2 cores); the default is the full run behind the

@@ -5,7 +5,7 @@ the exact gradient step on J(z) + alpha H(pi), pi = softmax(z):
 
   z <- z + eta [pi * (r - <pi, r>) - alpha pi * (log pi + H(pi))].
 
-covrl: `covrl.theory.pg_logit_gradient` (the closed form the exact-gradient dynamics of
+covrl: `covrl.tabular.theory.pg_logit_gradient` (the closed form the exact-gradient dynamics of
 `covrl.tabular` step with) in a `lax.scan`, all instances as one [K, I] array (arms leading),
 jitted and sharded by instance over the machine's CPU cores as JAX devices (`jax.shard_map`
 over a "data" mesh; the part runs in a subprocess with --xla_force_host_platform_device_count
@@ -44,7 +44,7 @@ def covrl_sweep(steps: int, instances: int, eta: float = ETA, alpha: float = ALP
   import jax.numpy as jnp
   from jax.sharding import PartitionSpec as P
 
-  from covrl import theory
+  from covrl.tabular import theory
 
   def train(r_t):
     # Arms on the leading axis: the per-instance sums over arms become vectorised adds across
