@@ -1,9 +1,14 @@
 """covrl: entropy control for reinforcement-learning post-training of language models, in JAX.
 
-The public surface is this module: every name in `__all__` is documented in README.md.
+This module is the library's public surface: math on logits, token selection, the control
+values and their losses, optax transforms, schedules and controllers. `import covrl` loads only
+these (JAX, optax and NumPy); the labs and the experiments are subpackages, loaded when used:
+`covrl.tabular` (bandits, tabular dynamics), `covrl.transformer` (a Flax GRPO lab; the
+`transformer` extra), `covrl.experiments` (the claims, the report and the `covrl` command; the
+`experiments` extra).
 """
 
-from covrl import bandits, controllers, schedules, tabular, tabular_control, theory
+from covrl import controllers, diagnostics, schedules
 from covrl.advantages import grpo_advantages
 from covrl.aggregation import LOSS_AGG_MODES, Aggregate, aggregate, denominator
 from covrl.covariance import masked_mean, token_covariance
@@ -13,15 +18,35 @@ from covrl.entropy_prediction import (
     pooled_entropy_change,
 )
 from covrl.losses import (
-    abs_zero_grad_at_zero,
     clip_cov_loss,
     entropy_bonus_loss,
     kl_cov_loss,
+    loss_metrics,
     policy_gradient_loss,
+    policy_loss,
     ppo_loss,
+    select_tokens,
 )
-from covrl.selection import clip_cov_select, kl_cov_select, selection_count
+from covrl.methods import (
+    METHODS,
+    STEER,
+    AdaptiveEntropyBonus,
+    ClipCov,
+    ClipHigher,
+    Control,
+    EntropyAdvantage,
+    EntropyBonus,
+    ForkingTokens,
+    KLCov,
+    NoControl,
+    WReinforce,
+    abs_zero_grad_at_zero,
+    high_entropy_select,
+    method,
+)
+from covrl.selection import Selection, clip_cov_select, kl_cov_select, selection_count
 from covrl.softmax_entropy import (
+    ScoreTerms,
     entropy,
     entropy_change,
     entropy_change_first_order,
@@ -29,26 +54,44 @@ from covrl.softmax_entropy import (
     entropy_change_second_order,
     entropy_grad,
     policy_covariance,
+    score_step_entropy_change,
+    score_terms,
 )
-from covrl.transforms import ControlState, clip_cov, entropy_bonus, kl_cov
+from covrl.tokens import PolicyTokens, Surrogate, policy_tokens
+from covrl.transforms import ControlState, transform
+from covrl.vocab import token_entropy_and_change, token_log_probs_and_entropy
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
+    "AdaptiveEntropyBonus",
     "Aggregate",
+    "ClipCov",
+    "ClipHigher",
+    "Control",
     "ControlState",
+    "EntropyAdvantage",
+    "EntropyBonus",
+    "ForkingTokens",
+    "KLCov",
     "LOSS_AGG_MODES",
+    "METHODS",
+    "NoControl",
+    "PolicyTokens",
+    "STEER",
+    "ScoreTerms",
+    "Selection",
+    "Surrogate",
+    "WReinforce",
     "__version__",
     "abs_zero_grad_at_zero",
     "aggregate",
-    "bandits",
-    "clip_cov",
     "clip_cov_loss",
     "clip_cov_select",
     "controllers",
     "denominator",
+    "diagnostics",
     "entropy",
-    "entropy_bonus",
     "entropy_bonus_loss",
     "entropy_change",
     "entropy_change_first_order",
@@ -56,20 +99,27 @@ __all__ = [
     "entropy_change_second_order",
     "entropy_grad",
     "grpo_advantages",
-    "kl_cov",
+    "high_entropy_select",
     "kl_cov_loss",
     "kl_cov_select",
     "linearized_logit_update",
+    "loss_metrics",
     "masked_mean",
+    "method",
     "policy_covariance",
     "policy_gradient_loss",
+    "policy_loss",
+    "policy_tokens",
     "pooled_entropy",
     "pooled_entropy_change",
     "ppo_loss",
     "schedules",
+    "score_step_entropy_change",
+    "score_terms",
+    "select_tokens",
     "selection_count",
-    "tabular",
-    "tabular_control",
-    "theory",
     "token_covariance",
+    "token_entropy_and_change",
+    "token_log_probs_and_entropy",
+    "transform",
 ]

@@ -4,6 +4,10 @@ Two kinds of checks live here. Shape and dtype checks run at trace time, so a ba
 before anything is compiled. Value checks (a ratio outside [0, 1], a mask that is not 0/1, a NaN)
 can only run on concrete values: they run when the value is a Python number or a concrete array
 and are skipped for tracers, where the losses report the same conditions through their metrics.
+
+Value checks on arrays reduce on the array's own device and bring back one scalar flag (a few
+more scalars only when the check fails, for the message): an eager call on a [B, T, V] array on an
+accelerator never copies the array to the host.
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ import numpy as np
 
 
 def is_concrete(x: Any) -> bool:
-  """True when `x` holds a value now (not a tracer inside jit, grad or vmap)."""
+  """True when `x` holds a value now (not a tracer inside jit, grad or vmap).
+
+  A concrete array that a jitted function closes over is concrete: checks on it evaluate it
+  with `jax.ensure_compile_time_eval()` (else jnp would stage their reductions into the trace).
+  """
   return not isinstance(x, jax.core.Tracer)
 
 
@@ -84,21 +92,28 @@ def as_mask(name: str, mask: Any) -> jax.Array:
   if not (jnp.issubdtype(mask.dtype, jnp.integer) or jnp.issubdtype(mask.dtype, jnp.floating)):
     raise TypeError(f"{name} must be bool, integer or float, got {mask.dtype}.")
   if is_concrete(mask):
-    values = np.asarray(mask)
-    if not np.all((values == 0) | (values == 1)):
-      bad = values[(values != 0) & (values != 1)].ravel()[:3]
-      raise ValueError(f"{name} must contain only 0 and 1, found values such as {bad.tolist()}.")
+    with jax.ensure_compile_time_eval():  # also when a jit closes over the concrete mask
+      bad = (mask != 0) & (mask != 1)
+      if bool(jnp.any(bad)):  # one scalar to the host; a few more for the message
+        examples = [mask.ravel()[int(i)].item() for i in jnp.flatnonzero(
+            bad.ravel(), size=3, fill_value=-1) if i >= 0]
+        raise ValueError(f"{name} must contain only 0 and 1, found values such as {examples}.")
   return mask != 0
 
 
 def check_finite_where(name: str, x: jax.Array, mask: jax.Array) -> None:
   """Raise ValueError if a concrete `x` has a NaN or inf where `mask` is set."""
   if is_concrete(x) and is_concrete(mask):
-    bad = np.asarray(mask) & ~np.isfinite(np.asarray(x, dtype=np.float64))
-    if bad.any():
-      where = tuple(int(i) for i in np.argwhere(bad)[0])
+    # Evaluated now even inside an outer jit that closes over x and mask (else jnp would stage
+    # the reduction and int() would fail on a tracer).
+    with jax.ensure_compile_time_eval():
+      bad = jnp.asarray(mask, bool) & ~jnp.isfinite(x)
+      count = int(jnp.sum(bad))  # one scalar to the host; the index only when it fails
+      where = count and tuple(int(i) for i in jnp.unravel_index(jnp.argmax(bad.ravel()),
+                                                                bad.shape))
+    if count:
       raise ValueError(
-          f"{name} has {int(bad.sum())} non-finite value(s) at valid positions "
+          f"{name} has {count} non-finite value(s) at valid positions "
           f"(first at index {where}); mask them out or fix the input."
       )
 

@@ -1,14 +1,14 @@
 """Reducing a [batch, time] loss matrix to a scalar, as verl's `agg_loss` does.
 
-Each mode is a ratio numerator / denominator:
+Each mode is a ratio numerator / denominator::
 
-| mode                    | numerator                                  | denominator          |
-|-------------------------|--------------------------------------------|----------------------|
-| token-mean              | sum of valid token losses                  | valid tokens         |
-| token-sum               | sum of valid token losses                  | 1                    |
-| seq-mean-token-sum      | sum over sequences of their token sums     | non-empty sequences  |
-| seq-mean-token-mean     | sum over sequences of their token means    | non-empty sequences  |
-| seq-mean-token-sum-norm | sum over sequences of token sums / horizon | non-empty sequences  |
+  | mode                    | numerator                                  | denominator          |
+  |-------------------------|--------------------------------------------|----------------------|
+  | token-mean              | sum of valid token losses                  | valid tokens         |
+  | token-sum               | sum of valid token losses                  | 1                    |
+  | seq-mean-token-sum      | sum over sequences of their token sums     | non-empty sequences  |
+  | seq-mean-token-mean     | sum over sequences of their token means    | non-empty sequences  |
+  | seq-mean-token-sum-norm | sum over sequences of token sums / horizon | non-empty sequences  |
 
 The numerator is additive over any split of the batch by rows, so gradient accumulation is exact
 when every micro-batch divides its own numerator by the denominator of the whole batch: compute
@@ -57,7 +57,8 @@ def _sequence_terms(loss_mat, mask, mode, horizon):
   if mode == "seq-mean-token-mean":
     seq_sum = seq_sum / jnp.maximum(jnp.sum(mask, axis=-1), 1)
   elif mode == "seq-mean-token-sum-norm":
-    seq_sum = seq_sum / (loss_mat.shape[-1] if horizon is None else horizon)
+    # T = 0 (an empty time axis) divides a zero sum by 1, not by 0.
+    seq_sum = seq_sum / (max(loss_mat.shape[-1], 1) if horizon is None else horizon)
   return jnp.sum(seq_sum)
 
 
@@ -90,17 +91,25 @@ def aggregate(
     response_mask: [B, T] 0/1 or bool.
     mode: one of LOSS_AGG_MODES (verl's names).
     denominator_override: the whole batch's denominator, for exact gradient accumulation over
-      micro-batches (verl's batch_num_tokens / global_batch_size).
+      micro-batches (verl's batch_num_tokens / global_batch_size); finite and >= 0.
     horizon: the constant divisor of seq-mean-token-sum-norm (verl's loss_scale_factor; T by
-      default).
+      default), finite and > 0.
     axis_name: shard_map axis; the denominator is then global.
 
   Returns:
-    Aggregate(value, numerator, denominator). An all-masked batch gives value 0 and a zero
-    gradient.
+    Aggregate(value, numerator, denominator). An all-masked or empty batch (B or T = 0) gives
+    value 0 and a zero gradient.
+
+  Raises:
+    ValueError: for a concrete horizon that is not finite and > 0, or a concrete denominator
+      that is not finite and >= 0 (traced values are not checked).
   """
   check_mode(mode)
   _checks.check_same_shape(("loss_mat", "response_mask"), (loss_mat, response_mask), rank=2)
+  if horizon is not None:
+    _checks.check_positive("horizon", horizon)
+  if denominator_override is not None:
+    _checks.check_nonnegative("denominator", denominator_override)
   mask = _checks.as_mask("response_mask", response_mask)
   loss_mat = _checks.upcast(jnp.asarray(loss_mat))
   num = _sequence_terms(loss_mat, mask, mode, horizon)

@@ -2,14 +2,14 @@
 
 A controller (covrl.controllers) tracks one number, the pooled entropy of many contexts (bandit
 states weighted by their probabilities, or the valid token positions of a [B, T] batch), and
-predicts how one candidate update moves it, from THEORY.md T1 applied per context:
+predicts how one candidate update moves it, from THEORY.md T1 applied per context::
 
   H = sum_s w_s H(pi_s) / sum_s w_s,
   dH ~= sum_s w_s dH_s / sum_s w_s,  dH_s = -Cov_{pi_s}(log pi_s, dz_s)            (first order)
                                           - 1/2 [Var(dz_s) + Cov(log pi_s, u_s^2)]  (second order)
 
 For a network the logit change of a parameter update is linearised, dz ~= J dtheta, with one
-`jax.jvp` (`linearized_logit_update`; T1.7: accurate to O(|dtheta|^2), as the predictor itself).
+`jax.jvp` (`linearized_logit_update`; T1.7: accurate to O(`|dtheta|^2`), as the predictor itself).
 
 Batch-wide sums: under `shard_map`, pass `axis_name` and the sums are global (psum), so every
 device gets the statistics of the whole batch; under plain jit on globally sharded arrays the
@@ -27,7 +27,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from covrl import _checks
 from covrl import softmax_entropy as ent
@@ -41,8 +40,11 @@ def _weights(weights: Any, shape: tuple[int, ...], dtype) -> jax.Array:
     raise ValueError(f"weights must have the contexts' shape {shape}, got {w.shape}.")
   if w.dtype == jnp.bool_:
     return w.astype(dtype)
-  if _checks.is_concrete(w) and np.any(np.asarray(w) < 0):
-    raise ValueError("weights must be >= 0.")
+  if _checks.is_concrete(w):
+    with jax.ensure_compile_time_eval():  # one scalar to the host, also under an outer jit
+      negative = bool(jnp.any(w < 0))
+    if negative:
+      raise ValueError("weights must be >= 0.")
   return w.astype(dtype)
 
 
@@ -65,9 +67,8 @@ def pooled_entropy(logits: jax.Array, weights: Any = None, *,
   Returns:
     [] the pooled entropy (what the controllers track).
   """
-  logits = ent.check_logits(logits)
-  w = _weights(weights, logits.shape[:-1], logits.dtype)
-  return _weighted_mean(ent._entropy(logits), w, axis_name)
+  h = ent.entropy(logits)  # checks the logits (once)
+  return _weighted_mean(h, _weights(weights, h.shape, h.dtype), axis_name)
 
 
 def pooled_entropy_change(logits: jax.Array, logit_update: jax.Array, weights: Any = None, *,
@@ -90,14 +91,14 @@ def pooled_entropy_change(logits: jax.Array, logit_update: jax.Array, weights: A
   """
   if order not in (1, 2):
     raise ValueError(f"order must be 1 or 2, got {order!r}.")
-  logits = ent.check_logits(logits)
-  dz = jnp.asarray(logit_update, logits.dtype)
-  if dz.shape != logits.shape:
-    raise ValueError(f"logit_update {dz.shape} must have the shape of logits {logits.shape}.")
-  w = _weights(weights, logits.shape[:-1], logits.dtype)
-  per_context = (ent._first_order(logits, dz) if order == 1
-                 else ent.entropy_change_second_order(logits, dz))
-  return _weighted_mean(per_context, w, axis_name)
+  if jnp.shape(logit_update) != jnp.shape(logits):
+    raise ValueError(f"logit_update {jnp.shape(logit_update)} must have the shape of logits "
+                     f"{jnp.shape(logits)}.")
+  change = (ent.entropy_change_first_order if order == 1
+            else ent.entropy_change_second_order)
+  per_context = change(logits, logit_update)  # checks the logits (once)
+  return _weighted_mean(per_context, _weights(weights, per_context.shape, per_context.dtype),
+                        axis_name)
 
 
 def linearized_logit_update(logits_fn: Callable[[Any], jax.Array], params: Any,
@@ -106,7 +107,7 @@ def linearized_logit_update(logits_fn: Callable[[Any], jax.Array], params: Any,
 
   One `jax.jvp` of `logits_fn` at `params` in the direction `param_update` (a pytree like
   params), so dz ~= J dtheta costs about one forward pass in forward mode. THEORY.md T1.7:
-  predicting from the linearised logit change is accurate to O(|dtheta|^2), like the first-order
+  predicting from the linearised logit change is accurate to O(`|dtheta|^2`), like the first-order
   predictor itself.
 
   Args:

@@ -30,12 +30,25 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from covrl._pytree import value_class
+
 Schedule = Callable[[jax.Array], jax.Array]
+# A coefficient: a number (or a traced scalar), or a schedule `step -> value` (a PowerDecay or any
+# optax schedule).
+Coefficient = Any
+
+
+def _finite(value: Any, minimum: float, strict: bool) -> bool:
+  v = float(value)
+  return math.isfinite(v) and (v > minimum if strict else v >= minimum)
 
 
 @dataclasses.dataclass(frozen=True)
 class PowerDecay:
   """value(t) = init_value * (1 + t / offset) ** (-power); power 0 is a constant.
+
+  A pytree: its three numbers are leaves, so a schedule can be traced and vmapped (a sweep over
+  initial values or powers in one compiled program). Checked when built from Python numbers.
 
   Attributes:
     init_value: value at t = 0, finite and >= 0.
@@ -43,21 +56,25 @@ class PowerDecay:
     offset: time scale t0 > 0 of the decay.
   """
 
-  init_value: float
-  power: float
-  offset: float = 1.0
+  init_value: Any
+  power: Any
+  offset: Any = 1.0
 
   def __post_init__(self):
-    if not (math.isfinite(self.init_value) and self.init_value >= 0):
-      raise ValueError(f"init_value must be finite and >= 0, got {self.init_value!r}.")
-    if not (math.isfinite(self.power) and self.power >= 0):
-      raise ValueError(f"power must be finite and >= 0, got {self.power!r}.")
-    if not (math.isfinite(self.offset) and self.offset > 0):
-      raise ValueError(f"offset must be finite and > 0, got {self.offset!r}.")
+    for name, minimum, strict in (("init_value", 0.0, False), ("power", 0.0, False),
+                                  ("offset", 0.0, True)):
+      value = getattr(self, name)
+      if isinstance(value, int | float) and not _finite(value, minimum, strict):
+        raise ValueError(f"{name} must be finite and {'>' if strict else '>='} {minimum:g}, "
+                         f"got {value!r}.")
+
+  def factor(self, count: jax.Array | int, dtype: Any = jnp.float32) -> jax.Array:
+    """(1 + t / offset) ** (-power): the schedule divided by its initial value, in `dtype`."""
+    t = jnp.asarray(count, dtype)
+    return (1.0 + t / self.offset) ** (-self.power)
 
   def __call__(self, count: jax.Array | int) -> jax.Array:
-    t = jnp.asarray(count, jnp.float32)
-    return self.init_value * (1.0 + t / self.offset) ** (-self.power)
+    return self.init_value * self.factor(count)
 
   @property
   def vanishes(self) -> bool:
@@ -74,6 +91,47 @@ class PowerDecay:
   @property
   def max_value(self) -> float:
     return float(self.init_value)
+
+
+value_class(PowerDecay)
+
+
+def value_at(coef: Coefficient, step: jax.Array | int | None, name: str = "coef") -> Any:
+  """A coefficient's value at `step`: the number itself, or the schedule evaluated there.
+
+  A number is returned as it is (a Python float stays a Python float, so that callers keep
+  exact host arithmetic where they have it); a schedule needs `step`. Every coefficient, ratio
+  and strength in covrl is >= 0, so a schedule's value is checked (finite and >= 0) when it is
+  concrete (an eager call); under jit it is not.
+  """
+  if callable(coef):
+    if step is None:
+      raise ValueError(f"{name} is a schedule: pass the optimisation step as `step=`.")
+    value = coef(step)
+    if not isinstance(value, jax.core.Tracer) and jnp.ndim(value) == 0:
+      v = float(value)
+      if not (math.isfinite(v) and v >= 0.0):
+        raise ValueError(f"{name}'s schedule gave {v!r} at step {step!r}; its values must be "
+                         "finite and >= 0.")
+    return value
+  return coef
+
+
+def is_annealed(coef: Coefficient) -> bool:
+  """True for a schedule that is not a known constant (a PowerDecay of power 0 is constant)."""
+  if isinstance(coef, PowerDecay):
+    return not (isinstance(coef.power, int | float) and coef.power == 0)
+  return callable(coef)
+
+
+def upper_bound(coef: Coefficient) -> float | None:
+  """A static upper bound on a coefficient's values: a number itself, a PowerDecay's first value
+  (it never increases), None for other schedules and traced values."""
+  if isinstance(coef, PowerDecay):
+    coef = coef.init_value
+  if isinstance(coef, int | float) and not isinstance(coef, bool):
+    return float(coef)
+  return None
 
 
 def constant(value: float) -> PowerDecay:

@@ -24,17 +24,36 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from covrl import _checks
+from covrl import _checks, _compat
 from covrl.covariance import finite_tokens, masked_sum
 
 # Above this many thresholds the exact table is replaced by float32 arithmetic.
 _MAX_TABLE = 1 << 20
+
+
+class Selection(NamedTuple):
+  """Tokens a method acts on.
+
+  Attributes:
+    mask: [B, T] bool, the selected tokens.
+    count: [] int32, how many are selected in this array (this device's shard under shard_map),
+      read off the top-K list rather than summed over the mask.
+  """
+
+  mask: jax.Array
+  count: jax.Array
+
+
+def empty_selection(shape: tuple[int, ...]) -> Selection:
+  """No token selected."""
+  return Selection(jnp.zeros(shape, bool), jnp.zeros((), jnp.int32))
 
 
 @functools.lru_cache(maxsize=256)
@@ -82,6 +101,9 @@ def selection_count(
   Returns:
     (count, K): count as an int32 scalar, K as a Python int with count <= K.
   """
+  if isinstance(min_count, bool) or not isinstance(min_count, int | np.integer) or min_count < 0:
+    raise ValueError(f"min_count must be an int >= 0, got {min_count!r}.")
+  min_count = int(min_count)
   if _checks.concrete_float(ratio) is not None:
     ratio = _checks.concrete_float(ratio)
     _checks.check_fraction("ratio", ratio)
@@ -136,17 +158,17 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 
 def _keep_top(
     scores: jax.Array, candidates: jax.Array, count: jax.Array, k_max: int, axis_name
-) -> tuple[jax.Array, jax.Array]:
+) -> Selection:
   """The `count` highest-scoring candidates (ties: lower global flat index).
 
   Returns the boolean mask and the number of its True entries (on this device, under
   shard_map), read off the top-K list: a count without another pass over the batch.
   """
   shape = scores.shape
-  flat = jnp.where(candidates, scores, -jnp.inf).reshape(-1)
+  flat = _compat.unsharded(jnp.where(candidates, scores, -jnp.inf).reshape(-1))
   size = flat.size
   if k_max == 0 or size == 0:
-    return jnp.zeros(shape, bool), jnp.zeros((), jnp.int32)
+    return empty_selection(shape)
   values, index = top_k(flat, min(k_max, size))
   if axis_name is not None:
     offset = lax.axis_index(axis_name) * size
@@ -160,7 +182,7 @@ def _keep_top(
   keep = keep & (index >= 0) & (index < size)
   target = jnp.where(keep, index, size)
   mask = jnp.zeros((size,), bool).at[target].set(True, mode="drop").reshape(shape)
-  return mask, jnp.sum(keep, dtype=jnp.int32)
+  return Selection(mask, jnp.sum(keep, dtype=jnp.int32))
 
 
 def _capacity(shape: tuple[int, ...], axis_name) -> int:
@@ -176,8 +198,7 @@ def kl_cov_select(
     min_count: int = 1,
     max_ratio: float | None = None,
     axis_name: str | None = None,
-    return_count: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+) -> Selection:
   """KL-Cov's tokens: the top max(floor(ratio * N_valid), min_count) valid tokens by c_i.
 
   Batch-wide: pass the whole [B, T] array (or the local shard with `axis_name` in shard_map).
@@ -189,13 +210,12 @@ def kl_cov_select(
     min_count: lower bound on the count (verl: 1).
     max_ratio: static bound, needed only when `ratio` is traced.
     axis_name: shard_map axis the batch is split over, for exact global selection.
-    return_count: also return the number of selected tokens in this array (this device's shard
-      under shard_map) as an int32 scalar, read off the top-K list instead of summing the mask
-      (a pass over the batch that costs as much as a quarter of a PPO loss on CPU).
 
   Returns:
-    [B, T] bool mask of selected tokens (and the count, with `return_count`). Non-finite c_i
-    are never selected.
+    Selection(mask, count): the [B, T] bool mask of selected tokens and their number in this
+    array (this device's shard under shard_map), read off the top-K list instead of summing the
+    mask (a pass over the batch that costs as much as a quarter of a PPO loss on CPU).
+    Non-finite c_i are never selected.
   """
   _checks.check_same_shape(("cov", "response_mask"), (cov, response_mask), rank=2)
   mask = _checks.as_mask("response_mask", response_mask)
@@ -206,8 +226,7 @@ def kl_cov_select(
       ratio, num_valid, capacity=_capacity(cov.shape, axis_name), min_count=min_count,
       max_ratio=max_ratio,
   )
-  mask, num = _keep_top(cov, valid, count, k_max, axis_name)
-  return (mask, num) if return_count else mask
+  return _keep_top(cov, valid, count, k_max, axis_name)
 
 
 def _mix32(x: jax.Array) -> jax.Array:
@@ -219,11 +238,25 @@ def _mix32(x: jax.Array) -> jax.Array:
   return x ^ (x >> 16)
 
 
-def _key_words(key: jax.Array) -> jax.Array:
+def check_key(key: Any) -> jax.Array:
+  """Return the raw uint32 words of one PRNG key; TypeError / ValueError for anything else.
+
+  Accepts a typed key (`jax.random.key`, shape ()) or a raw one (`jax.random.PRNGKey`, one
+  uint32 vector). An int, a string, None or a batch of keys (`jax.random.split`'s output) is
+  rejected: a batch would silently seed the draw from all of its keys at once.
+  """
+  if not isinstance(key, jax.Array | np.ndarray):
+    raise TypeError(f"key must be a JAX PRNG key (jax.random.key(seed)), got "
+                    f"{type(key).__name__}.")
   if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if key.ndim != 0:
+      raise ValueError(f"key must be one PRNG key, got a batch of keys of shape {key.shape}.")
     key = jax.random.key_data(key)
-  if key.dtype != jnp.uint32:
-    raise TypeError(f"key must be a JAX PRNG key, got dtype {key.dtype}.")
+  elif key.dtype == jnp.uint32 and key.ndim > 1:
+    raise ValueError(f"key must be one PRNG key, got a batch of raw keys of shape {key.shape}.")
+  elif key.dtype != jnp.uint32 or key.ndim != 1:
+    raise TypeError(f"key must be a JAX PRNG key (jax.random.key(seed)), got an array of dtype "
+                    f"{key.dtype} and shape {key.shape}.")
   return key.reshape(-1)
 
 
@@ -239,7 +272,7 @@ def row_priorities(key: jax.Array, shape: tuple[int, int], row_offset) -> jax.Ar
   small fraction of a threefry draw, which matters for Clip-Cov's cost relative to PPO.
   """
   seed = np.uint32(0x9E3779B9)
-  words = _key_words(key)
+  words = check_key(key)
   for i in range(words.shape[0]):
     seed = _mix32(seed ^ words[i])
   rows = (jnp.asarray(row_offset) + jnp.arange(shape[0])).astype(jnp.uint32)
@@ -250,10 +283,10 @@ def row_priorities(key: jax.Array, shape: tuple[int, int], row_offset) -> jax.Ar
 
 
 def clip_cov_select(
-    key: jax.Array,
     cov: jax.Array,
     response_mask: jax.Array,
     *,
+    key: jax.Array,
     ratio: float | jax.Array,
     lb: float,
     ub: float,
@@ -262,8 +295,7 @@ def clip_cov_select(
     max_ratio: float | None = None,
     axis_name: str | None = None,
     row_offset: int | jax.Array = 0,
-    return_count: bool = False,
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+) -> Selection:
   """Clip-Cov's tokens: max(floor(ratio * N_valid), min_count) drawn at random from the band.
 
   Candidates are valid, eligible tokens with lb < c_i < ub (strict). N_valid counts all valid
@@ -271,20 +303,20 @@ def clip_cov_select(
   than the count, all candidates are selected.
 
   Args:
-    key: PRNG key for the draw.
     cov: [B, T] per-token covariance.
     response_mask: [B, T] 0/1 or bool.
+    key: PRNG key for the draw.
     ratio: fraction in [0, 1] (verl's clip_cov_ratio, 2e-4 by default).
     lb, ub: the open band (verl: 1.0 and 5.0); lb < ub.
     eligible: optional [B, T] bool; verl excludes tokens the PPO clip already clipped.
     min_count, max_ratio, axis_name: as in `kl_cov_select`.
     row_offset: index of this array's first row in the global batch (for micro-batches).
-    return_count: as in `kl_cov_select`.
 
   Returns:
-    [B, T] bool mask of selected tokens (and the count, with `return_count`).
+    Selection(mask, count), as `kl_cov_select`.
   """
   _checks.check_same_shape(("cov", "response_mask"), (cov, response_mask), rank=2)
+  check_key(key)  # before any work: a bad key is a TypeError naming the argument
   lbv, ubv = _checks.concrete_float(lb), _checks.concrete_float(ub)
   if lbv is not None and ubv is not None and not lbv < ubv:
     raise ValueError(f"Clip-Cov needs lb < ub, got lb={lbv!r}, ub={ubv!r}.")
@@ -302,5 +334,4 @@ def clip_cov_select(
   if axis_name is not None:
     row_offset = row_offset + lax.axis_index(axis_name) * cov.shape[0]
   priorities = row_priorities(key, cov.shape, row_offset)
-  mask, num = _keep_top(priorities, candidates, count, k_max, axis_name)
-  return (mask, num) if return_count else mask
+  return _keep_top(priorities, candidates, count, k_max, axis_name)

@@ -5,7 +5,13 @@ The policy is pi = softmax(z). Entries of z equal to -inf are allowed (a masked 
 get probability 0 and contribute 0 to every value and every gradient. Inputs in bfloat16 or
 float16 are computed in float32; float64 stays float64.
 
-The identities implemented (THEORY.md T1; proofs/T1_entropy_covariance.md):
+Undefined policies: a row with a NaN or +inf logit, or with every entry -inf, raises ValueError
+when the logits are concrete; under jit every value computed from it is NaN (never a plausible
+finite number: a NaN logit does not count as probability 0), so the losses leave such tokens out
+and count them in `nonfinite_tokens`. Likewise a NaN or inf logit update (`logit_update`) at an
+entry of positive probability raises when concrete and gives a NaN change under jit.
+
+The identities implemented (THEORY.md T1; proofs/T1_entropy_covariance.md)::
 
   dH/dz_b = -pi_b (log pi_b + H)
   H(z + dz) - H(z) = -Cov_pi(log pi, dz) + O(|dz|^2)                               (first order)
@@ -21,6 +27,7 @@ References:
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -29,15 +36,31 @@ import numpy as np
 from covrl import _checks
 
 
+def defined_rows(logits: jax.Array) -> jax.Array:
+  """[...] bool: the rows of logits whose policy softmax(z) is defined.
+
+  A row is undefined when it holds a NaN or a +inf, or when every entry is -inf (no support).
+  One reduction: the row maximum is finite exactly then (a NaN propagates through the max).
+  """
+  return jnp.isfinite(jnp.max(logits, axis=-1))
+
+
 def _log_policy(logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Returns (log pi, pi, support) with support = pi > 0 in the sense of finite log pi."""
+  """Returns (log pi, pi, support) with support = pi > 0 in the sense of finite log pi.
+
+  Rows whose policy is undefined (`defined_rows`) get NaN in log pi and pi, so that every value
+  computed from them (entropy, covariances, changes) is NaN rather than a plausible number: a
+  NaN logit would otherwise fail the support test and count as probability 0.
+  """
   logp = jax.nn.log_softmax(logits, axis=-1)
   support = logp > -jnp.inf
   # The double `where`: masked entries must not reach the multiplication with -inf even in the
   # backward pass, where 0 * inf would turn into a NaN gradient.
   safe_logp = jnp.where(support, logp, 0.0)
   p = jnp.where(support, jnp.exp(safe_logp), 0.0)
-  return safe_logp, p, support
+  undefined = ~defined_rows(logits)[..., None]
+  return (jnp.where(undefined, jnp.nan, safe_logp), jnp.where(undefined, jnp.nan, p),
+          support | undefined)
 
 
 def _expect(p: jax.Array, x: jax.Array, support: jax.Array) -> jax.Array:
@@ -87,7 +110,9 @@ def _entropy_reverse_fwd(logits):
 def _entropy_reverse_bwd(residuals, g):
   logits, h = residuals
   logp, p, support = _log_policy(logits)
-  return (jnp.where(support, -p * (logp + h[..., None]), 0.0) * g[..., None],)
+  # A zero cotangent gives a zero gradient even on an undefined row (no NaN * 0).
+  grad = jnp.where(support, -p * (logp + h[..., None]), 0.0) * g[..., None]
+  return (jnp.where((g != 0)[..., None], grad, 0.0),)
 
 
 entropy_reverse_only.defvjp(_entropy_reverse_fwd, _entropy_reverse_bwd)
@@ -99,12 +124,17 @@ def check_logits(logits) -> jax.Array:
   logits = _checks.check_float_array("logits", logits)
   if logits.ndim < 1 or logits.shape[-1] < 1:
     raise ValueError(f"logits must have a vocabulary axis of size >= 1, got shape {logits.shape}.")
-  if _checks.is_concrete(logits):
-    values = np.asarray(logits, dtype=np.float64)
-    if np.isnan(values).any() or np.isposinf(values).any():
+  if _checks.is_concrete(logits) and logits.size:
+    # Reduced on the logits' device: two flags come back to the host, never the array (now,
+    # also when an outer jit closes over the concrete logits).
+    with jax.ensure_compile_time_eval():
+      flags = jnp.stack([jnp.any(jnp.isnan(logits) | jnp.isposinf(logits)),
+                         jnp.any(jnp.all(jnp.isneginf(logits), axis=-1))])
+      has_nan, empty_row = (bool(f) for f in flags.tolist())
+    if has_nan:
       raise ValueError("logits contain NaN or +inf; only -inf (a masked vocabulary entry) is "
                        "allowed.")
-    if values.size and np.all(np.isneginf(values), axis=-1).any():
+    if empty_row:
       raise ValueError("a row of logits is entirely -inf: its policy is undefined.")
   return _checks.upcast(logits)
 
@@ -169,6 +199,24 @@ def _covariance(logits: jax.Array, x: jax.Array, y: jax.Array) -> jax.Array:
   return _expect(p, xc * yc, support)
 
 
+def check_logit_update(logits: jax.Array, logit_update) -> jax.Array:
+  """Check a logit update (float, broadcastable to logits; finite where logits are > -inf, when
+  concrete) and return it broadcast to logits in their dtype."""
+  dz = jnp.asarray(logit_update)
+  if not (jnp.issubdtype(dz.dtype, jnp.floating) or jnp.issubdtype(dz.dtype, jnp.integer)):
+    raise TypeError(f"logit_update must have a real dtype, got {dz.dtype}.")
+  try:
+    dz = jnp.broadcast_to(dz.astype(logits.dtype), logits.shape)
+  except ValueError:
+    raise ValueError(f"logit_update {dz.shape} must broadcast to logits {logits.shape}.") from None
+  support = logits > -jnp.inf
+  _checks.check_finite_where("logit_update", dz, support)
+  # Under jit a NaN or inf update at a supported entry becomes NaN, so every form of the change
+  # is NaN there (a -inf update would otherwise give a finite exact change but a NaN first-order
+  # one); entries of probability 0 keep probability 0 whatever their update.
+  return jnp.where(support, jnp.where(jnp.isfinite(dz), dz, jnp.nan), 0.0)
+
+
 def _first_order(logits: jax.Array, dz: jax.Array) -> jax.Array:
   logp, _, _ = _log_policy(logits)
   return -_covariance(logits, logp, dz)
@@ -181,29 +229,99 @@ def entropy_change(logits: jax.Array, logit_update: jax.Array) -> jax.Array:
   small; use float64 to study the small-step limit.
   """
   logits = check_logits(logits)
-  dz = jnp.asarray(logit_update, logits.dtype)
+  dz = check_logit_update(logits, logit_update)
   return _entropy(logits + dz) - _entropy(logits)
 
 
 def entropy_change_first_order(logits: jax.Array, logit_update: jax.Array) -> jax.Array:
   """First-order entropy change -Cov_pi(log pi, dz) (Cui et al. 2025, Lemma 1)."""
-  return _first_order(check_logits(logits), logit_update)
+  logits = check_logits(logits)
+  return _first_order(logits, check_logit_update(logits, logit_update))
 
 
 def entropy_change_second_order(logits: jax.Array, logit_update: jax.Array) -> jax.Array:
   """Second-order entropy change.
 
   -Cov_pi(log pi, dz) - 1/2 [Var_pi(dz) + Cov_pi(log pi, (dz - E_pi dz)^2)]; the residual is
-  O(|dz|^3). Derived in proofs/T1_entropy_covariance.md.
+  O(`|dz|^3`). Derived in proofs/T1_entropy_covariance.md.
   """
   logits = check_logits(logits)
-  dz = jnp.broadcast_to(jnp.asarray(logit_update, logits.dtype), logits.shape)
+  dz = check_logit_update(logits, logit_update)
   logp, p, support = _log_policy(logits)
   centred = jnp.where(support, dz, 0.0) - _expect(p, dz, support)[..., None]
   first = -_covariance(logits, logp, dz)
   var = _expect(p, centred**2, support)
   skew = _covariance(logits, logp, centred**2)
   return first - 0.5 * (var + skew)
+
+
+class ScoreTerms(NamedTuple):
+  """Per-position terms of the first-order entropy change along score directions.
+
+  Attributes:
+    entropy: [...] H.
+    spread: [...] sum_a pi_a^2 (log pi_a + H) (the part of Cov_pi(log pi, e_y - pi) that does
+      not depend on the sampled token y).
+    bonus_gain: [...] sum_a pi_a^2 (log pi_a + H)^2 = `|grad_z H|^2` (the bonus's own change).
+  """
+
+  entropy: jax.Array
+  spread: jax.Array
+  bonus_gain: jax.Array
+
+
+def score_terms(logits: jax.Array) -> ScoreTerms:
+  """`ScoreTerms` of softmax(logits): the entropy and the score terms, from the same logits.
+
+  The moments m_k = sum_a pi_a^2 (log pi_a)^k need no H (no second pass after H's):
+  spread = m_1 + H m_0 and bonus_gain = m_2 + 2 H m_1 + H^2 m_0. At vocabulary scale each sum
+  costs about what the entropy does (measured on CPU, V = 16384).
+  """
+  logits = check_logits(logits)
+  logp, p, support = _log_policy(logits)
+  h = -_expect(p, logp, support)
+  # Separate sums, so that under jit an unused one (bonus_gain without a bonus) is dropped.
+  m0, m1, m2 = (_expect(p, p * logp**k, support) for k in (0, 1, 2))
+  return ScoreTerms(h, m1 + h * m0, jnp.maximum(m2 + 2.0 * h * m1 + h * h * m0, 0.0))
+
+
+def score_step_entropy_change(logits: jax.Array | ScoreTerms, log_prob: jax.Array,
+                              slope: jax.Array, bonus: jax.Array | float = 0.0) -> jax.Array:
+  """First-order entropy change of a token loss's logit step, at each position (T1.2).
+
+  A token loss l(log pi(y), H) with slope g = dl / d log pi(y) (y the sampled token) and bonus
+  -beta H has the logit gradient g (e_y - pi) - beta grad H; the unit step down it,
+  dz = -g (e_y - pi) + beta grad H, changes the entropy to first order by::
+
+    -Cov_pi(log pi, dz) = g [pi_y (log pi_y + H) - sum_a pi_a^2 (log pi_a + H)]
+                          + beta sum_a pi_a^2 (log pi_a + H)^2,
+
+  using dH/dz_a = -pi_a (log pi_a + H). The sampled token enters only through its probability,
+  so the token ids are not needed. STEER's predictor keeps only the first term's e_y part.
+
+  Args:
+    logits: [..., V] logits (those the log-probabilities are of: tempered, if sampling was), or
+      their `score_terms` computed already.
+    log_prob: [...] log pi(y) of the sampled token at each position.
+    slope: [...] g, the token loss's derivative with respect to log pi(y).
+    bonus: beta >= 0, the entropy bonus's coefficient per token (a scalar or [...]).
+
+  Returns:
+    [...] the first-order entropy change of each position's own step.
+
+  Example:
+    >>> import jax.numpy as jnp, covrl
+    >>> z = jnp.log(jnp.array([0.7, 0.2, 0.1]))  # rewarding the likely token lowers entropy
+    >>> bool(covrl.score_step_entropy_change(z, z[0], slope=-1.0) < 0)
+    True
+  """
+  terms = logits if isinstance(logits, ScoreTerms) else score_terms(logits)
+  h = terms.entropy
+  log_py = jnp.asarray(log_prob, h.dtype)
+  py = jnp.exp(log_py)
+  own = jnp.where(py > 0, py * (jnp.where(py > 0, log_py, 0.0) + h), 0.0)
+  change = jnp.asarray(slope, h.dtype) * (own - terms.spread)
+  return change + jnp.asarray(bonus, h.dtype) * terms.bonus_gain
 
 
 @functools.lru_cache(maxsize=32)
@@ -229,7 +347,7 @@ def entropy_change_integral(
   if not isinstance(num_points, int) or num_points < 1:
     raise ValueError(f"num_points must be a positive int, got {num_points!r}.")
   logits = check_logits(logits)
-  dz = jnp.broadcast_to(jnp.asarray(logit_update, logits.dtype), logits.shape)
+  dz = check_logit_update(logits, logit_update)
   nodes, weights = _gauss_legendre_01(num_points)
 
   values = jax.vmap(lambda t: _first_order(logits + t * dz, dz))(jnp.asarray(nodes, logits.dtype))

@@ -1,93 +1,60 @@
-"""Entropy control as optax gradient transformations, for policies whose parameters are logits.
+"""Entropy control as an optax gradient transformation, for policies whose parameters are logits.
 
 In a tabular policy the parameters are the logits z (shape [K] for a bandit, [S, K] for S
-states), so a control method is literally a change of the logit update dz. These transforms take
-the gradient of the policy loss and add the change each method makes to it; they compose with any
-optax optimiser:
+states), so a control method is literally a change of the logit update dz. `transform(control)`
+takes the gradient of the control's own surrogate over a batch of samples (`updates`) and adds
+the change the control makes to it; it composes with any optax optimiser::
 
-  opt = optax.chain(covrl.entropy_bonus(0.01), optax.sgd(0.1))
-  opt = optax.chain(covrl.kl_cov(kl_coef=1.0, ratio=0.02), optax.sgd(0.1))
+  opt = optax.chain(covrl.transform(covrl.EntropyBonus(0.01)), optax.sgd(0.1))
+  opt = optax.chain(covrl.transform(covrl.KLCov(kl_cov_ratio=0.02, ppo_kl_coef=1.0)),
+                    optax.sgd(0.1))
 
-* `entropy_bonus(coef)` adds -coef * dH/dz at every state: dense and persistent.
-* `kl_cov(...)` adds the gradient of kl_coef * |log pi - log pi_old| on the top-covariance
-  samples (from the extra args), divided by the number of valid samples, as `covrl.kl_cov_loss`.
-* `clip_cov(...)` removes the policy-gradient terms of the selected samples, as
-  `covrl.clip_cov_loss` does: it assumes the incoming updates are the gradient of covrl's
-  token-mean surrogate (`policy_gradient_loss` or `ppo_loss`) over the same samples.
+* a bonus adds -entropy_coeff * dH/dz at every state: dense and persistent;
+* Clip-Cov and KL-Cov add the gradient of their token-loss change (`Control.loss_change`) on
+  the samples they select, divided by the number of valid samples, as `covrl.policy_loss` does
+  with token-mean aggregation: KL-Cov's penalty on the top-covariance samples, Clip-Cov's
+  removal of the selected samples' terms; forking tokens likewise remove the terms of the
+  samples below the entropy quantile;
+* the reweighting controls (entropy advantage shaping, W-REINFORCE, STEER) add the gradient of
+  their change on every sample the same way (a control that reads entropies gets the
+  entropies of softmax(z / temperature) at the samples' states);
+* NoControl and ClipHigher change nothing here: their whole effect is their surrogate.
 
-Coefficients and ratios take a number or a schedule `count -> value` (covrl.schedules or optax);
-the count lives in the state. All three work under `optax.inject_hyperparams`.
+Extra args of `update` (keyword-only): actions [N] (int), advantages [N], optional
+response_mask [N], states [N] for [S, K] params, old_logits (params' shape; the behaviour
+policy, on-policy when absent) and key (a PRNG key, for Clip-Cov's draw). Out-of-range actions
+or states raise when concrete; under jit their samples are left out (never clamped or wrapped),
+as NaN or inf advantages are. Scheduled strengths
+are evaluated at the update count, which lives in the state. Under `optax.inject_hyperparams`,
+build the value inside the factory: `inject_hyperparams(lambda entropy_coeff:
+covrl.transform(covrl.EntropyBonus(entropy_coeff)))(entropy_coeff=0.1)`.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from covrl import _checks, losses
-from covrl import schedules as sch
-from covrl import selection as sel
+from covrl import _checks
+from covrl import methods as mt
 from covrl import softmax_entropy as ent
-from covrl.covariance import masked_sum, token_covariance
+from covrl import tokens as tk
+from covrl.losses import select_tokens
 
 
 class ControlState(NamedTuple):
-  """State of a covrl transform: the number of updates applied so far."""
+  """State of `transform`: the number of updates applied so far."""
 
   count: jax.Array
-
-
-def _value(x: Any, count: jax.Array) -> jax.Array:
-  return jnp.asarray(x(count) if callable(x) else x)
-
-
-def _check_coefficient(name: str, x: Any) -> None:
-  if not callable(x):
-    _checks.check_nonnegative(name, x)
-
-
-def entropy_bonus(coef: Any, *, temperature: float = 1.0) -> optax.GradientTransformation:
-  """Add the gradient of -coef * H(softmax(z / temperature)) for every logit array in params.
-
-  Args:
-    coef: bonus coefficient alpha >= 0, or a schedule `count -> alpha`.
-    temperature: softmax temperature > 0.
-
-  Returns:
-    An optax GradientTransformation; `update` needs `params` (the logits).
-
-  Example:
-    >>> import jax.numpy as jnp, optax, covrl
-    >>> opt = optax.chain(covrl.entropy_bonus(0.1), optax.sgd(1.0))
-    >>> z = jnp.array([2.0, 0.0, -1.0]); state = opt.init(z)
-    >>> updates, state = opt.update(jnp.zeros(3), state, z)
-    >>> bool(covrl.entropy(z + updates) > covrl.entropy(z))
-    True
-  """
-  _check_coefficient("coef", coef)
-  _checks.check_positive("temperature", temperature)
-
-  def update_fn(updates, state, params=None):
-    if params is None:
-      raise ValueError("entropy_bonus needs params (the logits) in update().")
-    alpha = _value(coef, state.count)
-
-    def add(g, z):
-      bonus = ent.entropy_grad(z / temperature) / temperature
-      return (g - alpha * bonus).astype(g.dtype)
-
-    return jax.tree.map(add, updates, params), ControlState(optax.safe_increment(state.count))
-
-  return optax.GradientTransformation(_init, update_fn)
 
 
 def _single_logits(params) -> jax.Array:
   leaves = jax.tree.leaves(params)
   if len(leaves) != 1 or leaves[0].ndim not in (1, 2):
-    raise ValueError("covariance transforms need params to be one logit array, [K] or [S, K].")
+    raise ValueError("a sample-based control needs params to be one logit array, [K] or [S, K].")
   return leaves[0]
 
 
@@ -100,8 +67,23 @@ def _sample_log_prob(logits, actions, states):
   return logp[states, actions]
 
 
+def _indices(name, idx, size):
+  """(idx clipped into [0, size), in range): eager out-of-range indices raise; under jit the
+  samples they index are left out (their mask entry is cleared), never clamped or wrapped."""
+  idx = jnp.asarray(idx)
+  if not jnp.issubdtype(idx.dtype, jnp.integer):
+    raise TypeError(f"{name} must be integers, got dtype {idx.dtype}.")
+  ok = (idx >= 0) & (idx < size)
+  if _checks.is_concrete(ok) and not bool(jnp.all(ok)):  # one scalar to the host
+    first = int(idx.reshape(-1)[jnp.argmin(ok.reshape(-1))])
+    raise ValueError(f"{name} must lie in [0, {size}), found {first}.")
+  return jnp.clip(idx, 0, size - 1), ok
+
+
 def _samples(actions, advantages, response_mask):
   """Samples as one [1, N] row of tokens: (advantages, mask, flatten)."""
+  if actions is None or advantages is None:
+    raise ValueError("this control acts on samples: pass actions= and advantages= to update().")
   actions = jnp.asarray(actions)
   advantages = _checks.check_float_array("advantages", advantages)
   if actions.shape != advantages.shape:
@@ -113,129 +95,104 @@ def _samples(actions, advantages, response_mask):
   return flatten(_checks.upcast(advantages)), mask, flatten
 
 
-def _ratio_at(ratio: Any, count: jax.Array) -> Any:
-  return ratio(count) if callable(ratio) else ratio
-
-
-def _static_ratio_bound(ratio: Any, max_ratio: float | None) -> float | None:
-  if not callable(ratio):
-    _checks.check_fraction("ratio", ratio)
-    return max_ratio
-  if max_ratio is not None:
-    return max_ratio
-  decay = sch.as_power_decay(ratio)
-  if decay is None:
-    raise ValueError("a scheduled ratio needs max_ratio (a static bound on its values).")
-  return decay.max_value
-
-
 def _init(params) -> ControlState:
   del params
   return ControlState(jnp.zeros((), jnp.int32))
 
 
-def kl_cov(
-    kl_coef: Any = 1.0, *, ratio: Any = 2e-3, min_count: int = 1, max_ratio: float | None = None
-) -> optax.GradientTransformationExtraArgs:
-  """KL-Cov for a logit-parameterised policy, as a gradient transformation.
-
-  Extra args of `update`: actions [N] (int), advantages [N], old_logits (same shape as params),
-  optional response_mask [N] and, for [S, K] params, states [N]. The c_i of the samples are
-  computed under the current logits; the selected samples add
-  kl_coef * |log pi(a_i) - log pi_old(a_i)| / N_valid to the loss (derivative 0 where the two
-  are equal, so the transform is inert on a purely on-policy step).
+def transform(control: mt.Control, *, temperature: float = 1.0
+              ) -> optax.GradientTransformationExtraArgs:
+  """The control as an optax transform for logit parameters (see the module docstring).
 
   Args:
-    kl_coef: beta >= 0 or a schedule `count -> beta` (anneal it to 0 for THEORY.md T3.4).
-    ratio: fraction of samples penalised, a number or a schedule (a scheduled ratio needs
-      `max_ratio`, or a covrl PowerDecay, whose first value bounds it).
-    min_count: least number of samples penalised (verl: 1).
-    max_ratio: static bound on a scheduled ratio.
+    control: a covrl control value.
+    temperature: softmax temperature > 0 of the policy (the bonus's entropy is that of
+      softmax(z / temperature)).
+
+  Returns:
+    An optax GradientTransformationExtraArgs; `update` needs `params` (the logits).
+
+  Example:
+    >>> import jax.numpy as jnp, optax, covrl
+    >>> opt = optax.chain(covrl.transform(covrl.EntropyBonus(0.1)), optax.sgd(1.0))
+    >>> z = jnp.array([2.0, 0.0, -1.0]); state = opt.init(z)
+    >>> updates, state = opt.update(jnp.zeros(3), state, z)
+    >>> bool(covrl.entropy(z + updates) > covrl.entropy(z))
+    True
   """
-  _check_coefficient("kl_coef", kl_coef)
-  max_ratio = _static_ratio_bound(ratio, max_ratio)
+  control = mt.check_control(control)
+  _checks.check_positive("temperature", temperature)
 
-  def update_fn(updates, state, params=None, *, actions, advantages, old_logits,
-                response_mask=None, states=None, **extra):
+  def update_fn(updates, state, params=None, *, actions=None, advantages=None, old_logits=None,
+                response_mask=None, states=None, key=None, **extra):
     del extra
-    logits = _single_logits(params)
-    adv, mask, flat = _samples(actions, advantages, response_mask)
-    old_lp = flat(_sample_log_prob(jnp.asarray(old_logits), actions, states))
-    beta = _value(kl_coef, state.count)
+    if params is None:
+      raise ValueError("covrl.transform needs params (the logits) in update().")
+    count = state.count
+    alpha = control.bonus_coefficient(count)
+    if alpha is not None:
+      _checks.check_nonnegative("entropy_coeff", alpha)
 
-    def penalty(z):
-      lp = flat(_sample_log_prob(z, actions, states))
-      cov = token_covariance(lp, adv, mask)
-      chosen = sel.kl_cov_select(
-          cov, mask, ratio=_ratio_at(ratio, state.count), min_count=min_count,
-          max_ratio=max_ratio,
-      )
-      terms = losses.abs_zero_grad_at_zero(lp - jax.lax.stop_gradient(old_lp))
-      return beta * masked_sum(terms, chosen) / jnp.maximum(jnp.sum(mask), 1)
+      def add_bonus(g, z):
+        bonus = ent.entropy_grad(z / temperature) / temperature
+        return (g - jnp.asarray(alpha) * bonus).astype(g.dtype)
 
-    correction = jax.grad(penalty)(logits)
-    new = jax.tree.map(lambda g: (g + correction).astype(g.dtype), updates)
-    return new, ControlState(optax.safe_increment(state.count))
+      updates = jax.tree.map(add_bonus, updates, params)
+    if control.selects_tokens or control.reweights_tokens:
+      correction = _sample_correction(control, _single_logits(params), actions, advantages,
+                                      old_logits, response_mask, states, key, count,
+                                      temperature)
+      updates = jax.tree.map(lambda g: (g + correction).astype(g.dtype), updates)
+    return updates, ControlState(optax.safe_increment(count))
 
   return optax.GradientTransformationExtraArgs(_init, update_fn)
 
 
-def clip_cov(
-    *,
-    ratio: Any = 2e-4,
-    lb: float = 1.0,
-    ub: float = 5.0,
-    clip_ratio: float = 0.2,
-    clip_ratio_low: float | None = None,
-    clip_ratio_high: float | None = None,
-    min_count: int = 1,
-    max_ratio: float | None = None,
-) -> optax.GradientTransformationExtraArgs:
-  """Clip-Cov for a logit-parameterised policy, as a gradient transformation.
+def _sample_logits(logits, actions, states):
+  """[1, N, K] logits of each sample's state (for controls that read entropies)."""
+  rows = jnp.broadcast_to(logits, (jnp.shape(actions)[0], logits.shape[-1])) \
+      if logits.ndim == 1 else logits[states]
+  return rows[None]
 
-  Extra args of `update`: key (PRNG key), actions [N], advantages [N], optional old_logits (the
-  behaviour policy; on-policy when absent), response_mask [N] and, for [S, K] params, states [N].
-  Selected samples (drawn from lb < c_i < ub among those the PPO clip leaves alone) have their
-  term -A_i pi/pi_old removed from the token-mean surrogate whose gradient arrives as `updates`.
 
-  Args:
-    ratio: fraction of samples detached, a number or a schedule (see `kl_cov`).
-    lb, ub: the open covariance band.
-    clip_ratio, clip_ratio_low, clip_ratio_high: the PPO clip range of the base loss.
-    min_count, max_ratio: as in `kl_cov`.
-  """
-  max_ratio = _static_ratio_bound(ratio, max_ratio)
-  if not lb < ub:
-    raise ValueError(f"Clip-Cov needs lb < ub, got lb={lb!r}, ub={ub!r}.")
-  low = clip_ratio if clip_ratio_low is None else clip_ratio_low
-  high = clip_ratio if clip_ratio_high is None else clip_ratio_high
-  _checks.check_fraction("clip_ratio_low", low)
-  _checks.check_nonnegative("clip_ratio_high", high)
+def _sample_correction(control, logits, actions, advantages, old_logits, response_mask, states,
+                       key, count, temperature):
+  """Gradient wrt the logits of the token mean of the control's loss change on the samples."""
+  if control.needs_key and key is None:
+    raise ValueError(f"{type(control).__name__} draws its samples at random: pass key= to "
+                     "update().")
+  adv, mask, flat = _samples(actions, advantages, response_mask)
+  actions, in_range = _indices("actions", actions, logits.shape[-1])
+  if logits.ndim == 2:
+    if states is None:
+      raise ValueError("params of shape [S, K] need the sampled `states` as an extra arg.")
+    if jnp.shape(states) != actions.shape:
+      raise ValueError(f"states {jnp.shape(states)} and actions {actions.shape} must match.")
+    states, states_ok = _indices("states", states, logits.shape[0])
+    in_range = in_range & states_ok
+  mask = mask & flat(in_range)
+  behaviour = logits if old_logits is None else jnp.asarray(old_logits)
+  if behaviour.shape != logits.shape:
+    raise ValueError(f"old_logits {behaviour.shape} must have the shape of params "
+                     f"{logits.shape}.")
+  old_lp = jax.lax.stop_gradient(flat(_sample_log_prob(behaviour, actions, states)))
 
-  def update_fn(updates, state, params=None, *, key, actions, advantages, old_logits=None,
-                response_mask=None, states=None, **extra):
-    del extra
-    logits = _single_logits(params)
-    adv, mask, flat = _samples(actions, advantages, response_mask)
-    behaviour = logits if old_logits is None else jnp.asarray(old_logits)
-    old_lp = jax.lax.stop_gradient(flat(_sample_log_prob(behaviour, actions, states)))
+  def tokens_at(z):
+    tokens = tk.policy_tokens(old_lp, flat(_sample_log_prob(z, actions, states)), adv, mask)
+    if control.needs_entropy:  # detached: the entropies of the current logits
+      tokens = tk.with_entropy(tokens, logits=_sample_logits(z, actions, states),
+                               temperature=temperature)
+    return tokens
 
-    def log_ratio(z):
-      return flat(_sample_log_prob(z, actions, states)) - old_lp
+  # The selection is made under the current logits and held fixed (a stop-gradient choice).
+  current = tokens_at(logits)
+  _, selection = select_tokens(control, current, control.surrogate(current), key=key,
+                               step=count)
 
-    r = jnp.exp(log_ratio(logits))
-    clipped = -adv * jnp.clip(r, 1.0 - low, 1.0 + high) > -adv * r
-    lp = flat(_sample_log_prob(logits, actions, states))
-    chosen = sel.clip_cov_select(
-        key, token_covariance(lp, adv, mask), mask, ratio=_ratio_at(ratio, state.count),
-        lb=lb, ub=ub, eligible=~clipped, min_count=min_count, max_ratio=max_ratio,
-    )
+  def change(z):
+    tokens = tokens_at(z)
+    delta = control.loss_change(tokens, control.surrogate(tokens), selection, step=count)
+    # The used samples (valid, finite, in range), as the loss's token mean counts them.
+    return jnp.sum(delta) / jnp.maximum(tokens.count, 1)
 
-    def removed(z):
-      return masked_sum(-adv * jnp.exp(log_ratio(z)), chosen) / jnp.maximum(jnp.sum(mask), 1)
-
-    correction = jax.grad(removed)(logits)
-    new = jax.tree.map(lambda g: (g - correction).astype(g.dtype), updates)
-    return new, ControlState(optax.safe_increment(state.count))
-
-  return optax.GradientTransformationExtraArgs(_init, update_fn)
+  return jax.grad(change)(logits)

@@ -7,6 +7,7 @@ import pytest
 import covrl
 
 
+@pytest.mark.float64
 @pytest.mark.parametrize("mode", covrl.LOSS_AGG_MODES)
 def test_micro_batch_numerators_add_up_to_the_whole_batch(mode):
   rng = np.random.default_rng(0)

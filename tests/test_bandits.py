@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from covrl import bandits
+from covrl.tabular import bandits
 
 
 def test_k_armed_properties():

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from covrl import cli
-from covrl.claims import registry
+from covrl.experiments import cli
+from covrl.experiments.claims import registry
 
 
 def test_reproduce_writes_report_and_results(tmp_path, capsys):

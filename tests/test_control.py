@@ -1,4 +1,4 @@
-"""Entropy controllers (covrl.controllers) and the controlled tabular loop (covrl.tabular_control).
+"""Entropy controllers (covrl.controllers) and the controlled tabular loop (covrl.tabular)."
 
 Expected values come from closed forms (the first-order entropy change of a bonus step is
 eta alpha |grad H|^2, THEORY.md T1.6) and from NumPy re-implementations of the reactive and PID
@@ -15,8 +15,10 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import covrl
-from covrl import bandits, controllers, tabular, tabular_control
+from covrl import controllers, tabular
 from covrl import entropy_prediction as ep
+from covrl._compat import enable_x64
+from covrl.tabular import bandits
 
 # ------------------------------------------------------------------------------- NumPy helpers
 
@@ -49,21 +51,21 @@ def test_target_paths_closed_form():
   np.testing.assert_allclose(lin(t), np.where(t < 10, 2.0 - 0.15 * t, 0.5), rtol=1e-6)
   exp = controllers.exponential_target(2.0, 0.5, 4.0)
   np.testing.assert_allclose(exp(t), 0.5 + 1.5 * 0.5 ** (t / 4.0), rtol=1e-6)
-  sched = controllers.schedule_target(lambda s: 1.0 / (1.0 + s), 20)
-  assert sched.bounds() == pytest.approx((1 / 21, 1.0))
+  # Any callable is a target; its range is checked on t = 0..num_steps.
+  assert controllers.target_bounds(lambda s: 1.0 / (1.0 + s), 20) == pytest.approx((1 / 21, 1.0))
 
 
 @pytest.mark.parametrize("make", [
     lambda: controllers.constant_target(-0.1),
     lambda: controllers.linear_target(math.log(4) + 0.01, 0.5, 10),
     lambda: controllers.exponential_target(1.0, -0.2, 3.0),
-    lambda: controllers.schedule_target(lambda s: 2.0 - 0.1 * s, 30),  # reaches -1 at s = 30
+    lambda: lambda s: 2.0 - 0.1 * s,  # a plain callable: reaches -1 at s = 30
 ])
 def test_target_outside_zero_log_v_is_rejected_when_built(make):
   with pytest.raises(ValueError, match=r"leaves \[0, log V\]"):
-    controllers.predictive(make(), vocab_size=4, coef_range=(0.0, 1.0))
+    controllers.predictive(make(), vocab_size=4, coef_range=(0.0, 1.0), num_steps=30)
   with pytest.raises(ValueError, match=r"leaves \[0, log V\]"):
-    controllers.reactive(make(), vocab_size=4, delta=0.1, coef_range=(0.0, 1.0))
+    controllers.reactive(make(), vocab_size=4, delta=0.1, coef_range=(0.0, 1.0), num_steps=30)
 
 
 def test_target_at_log_v_is_allowed_and_bad_targets_fail_clearly():
@@ -71,7 +73,7 @@ def test_target_at_log_v_is_allowed_and_bad_targets_fail_clearly():
   with pytest.raises(ValueError, match="num_steps"):
     controllers.predictive(lambda s: 0.5 + 0 * s, vocab_size=4, coef_range=(0.0, 1.0))
   with pytest.raises(ValueError, match="not finite"):
-    controllers.schedule_target(lambda s: jnp.log(s - 1.0), 5).bounds()
+    controllers.target_bounds(lambda s: jnp.log(s - 1.0), 5)
   with pytest.raises(ValueError, match="vocab_size"):
     controllers.predictive(0.5, vocab_size=1, coef_range=(0.0, 1.0))
   with pytest.raises(TypeError):
@@ -140,7 +142,7 @@ def _bonus_problem(dtype=np.float64):
 @pytest.mark.parametrize("gain", [1.0, 0.5])
 def test_predictive_hits_the_predicted_target_exactly_for_an_affine_update(solver, gain):
   """SGD with a bonus: dz(c) = dz_pg + c grad H, so f(c) = f0 + c |grad H|^2_rho is affine."""
-  with jax.enable_x64(True):
+  with enable_x64(True):
     z, dz_pg, rho = _bonus_problem()
     h_now = float(rho @ np_entropy(z)[0])
     target = controllers.linear_target(h_now - 0.02, h_now + 0.18, 4)
@@ -167,7 +169,7 @@ def test_predictive_hits_the_predicted_target_exactly_for_an_affine_update(solve
 @pytest.mark.parametrize("solver,kw", [("bisection", {"num_iters": 60}),
                                        ("grid", {"num_points": 7})])
 def test_predictive_second_order_solves_the_quadratic(solver, kw):
-  with jax.enable_x64(True):
+  with enable_x64(True):
     z, dz_pg, rho = _bonus_problem()
     g = np_grad_entropy(z)
     h_now = float(rho @ np_entropy(z)[0])
@@ -378,8 +380,9 @@ def test_global_statistics_on_eight_devices_equal_one_device():
 _BANDIT = bandits.Bandit((0.9, 0.6, 0.4, 0.1), noise="bernoulli")
 
 
-def _sampled(num_steps=40, control="entropy", **kw):
-  base = dict(dynamics="sampled", control=control, coef=1.0, step_size=1.0,
+def _sampled(num_steps=40, control=None, **kw):
+  control = covrl.EntropyBonus(1.0) if control is None else control
+  base = dict(dynamics="sampled", control=control, step_size=1.0,
               num_steps=num_steps, advantage="grpo", num_samples=32, group_size=8,
               record_every=5)
   base.update(kw)
@@ -387,10 +390,10 @@ def _sampled(num_steps=40, control="entropy", **kw):
 
 
 def test_fixed_controller_reproduces_the_uncontrolled_tabular_run():
-  cfg = _sampled(coef=0.3)
+  cfg = _sampled(control=covrl.EntropyBonus(0.3))
   plain = jax.jit(tabular.make_train(cfg))(jax.random.key(3))
   ctl = controllers.fixed(0.3, coef_range=(0.0, 1.0))
-  out = jax.jit(tabular_control.make_controlled_train(cfg, ctl, 0.5))(jax.random.key(3))
+  out = jax.jit(tabular.make_controlled_train(cfg, ctl, 0.5))(jax.random.key(3))
   np.testing.assert_array_equal(np.asarray(out.logits), np.asarray(plain.logits))
   np.testing.assert_array_equal(np.asarray(out.entropy[::5]), np.asarray(plain.entropy))
   np.testing.assert_array_equal(np.asarray(out.gap[::5]), np.asarray(plain.gap))
@@ -401,24 +404,24 @@ def test_controlled_run_same_key_same_result_and_sharded_equals_one_device():
   path = controllers.linear_target(math.log(4), 0.6, 30)
   ctl = controllers.predictive(path, vocab_size=4, coef_range=(0.0, 2.0))
   keys = jax.random.split(jax.random.key(0), 8)
-  a = tabular_control.run_controlled(cfg, ctl, path, keys)
-  b = tabular_control.run_controlled(cfg, ctl, path, keys)
+  a = tabular.run_controlled(cfg, ctl, path, keys)
+  b = tabular.run_controlled(cfg, ctl, path, keys)
   jax.tree.map(np.testing.assert_array_equal, a, b)
   if jax.device_count() >= 8:
-    c = tabular_control.run_controlled(cfg, ctl, path, keys, mesh=tabular.data_mesh(8))
+    c = tabular.run_controlled(cfg, ctl, path, keys, mesh=tabular.data_mesh(8))
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, c)
 
 
 def test_exact_pg_predictive_tracks_to_second_order():
   """Exact PG with the bonus knob: the first-order prediction meets the target exactly, so the
   actual miss is the T1.2 remainder, at most 1/2 (1 + 2 log V) osc(dz)^2 per state."""
-  with jax.enable_x64(True):
+  with enable_x64(True):
     cfg = tabular.TabularConfig(bandits.Bandit(((1.0, 0.7, 0.2, 0.0), (0.1, 0.9, 0.5, 0.3))),
-                                dynamics="pg", control="entropy", coef=1.0, step_size=2.0,
+                                dynamics="pg", control=covrl.EntropyBonus(1.0), step_size=2.0,
                                 num_steps=60, dtype="float64")
     path = controllers.linear_target(1.3, 0.7, 60)
     ctl = controllers.predictive(path, vocab_size=4, coef_range=(0.0, 5.0))
-    out = jax.jit(tabular_control.make_controlled_train(cfg, ctl, path))(jax.random.key(0))
+    out = jax.jit(tabular.make_controlled_train(cfg, ctl, path))(jax.random.key(0))
     h, goal = np.asarray(out.entropy), np.asarray(out.target)
     free = ~np.asarray(out.saturated)
     assert free.mean() > 0.8
@@ -447,14 +450,16 @@ def test_exact_pg_predictive_tracks_to_second_order():
     ("clip_cov", (0.0, 0.5), "bisection"),
 ])
 def test_covariance_knobs_run_inside_their_range(control, coef_range, solver):
-  extra = dict(ppo_epochs=2, num_minibatches=2, ratio=0.2) if control == "kl_cov" else {}
-  if control == "clip_cov":
-    extra = dict(ratio=0.2, clip_cov_bounds=(-10.0, 10.0))
-  cfg = _sampled(num_steps=10, control=control, **extra)
+  if control == "kl_cov":
+    cfg = _sampled(num_steps=10, control=covrl.KLCov(kl_cov_ratio=0.2, ppo_kl_coef=1.0),
+                   ppo_epochs=2, num_minibatches=2)
+  else:
+    cfg = _sampled(num_steps=10, control=covrl.ClipCov(clip_cov_ratio=0.2, clip_cov_lb=-10.0,
+                                                       clip_cov_ub=10.0))
   path = controllers.constant_target(1.0)
   ctl = controllers.predictive(path, vocab_size=4, coef_range=coef_range, solver=solver,
                                num_iters=6)
-  out = jax.jit(tabular_control.make_controlled_train(cfg, ctl, path))(jax.random.key(1))
+  out = jax.jit(tabular.make_controlled_train(cfg, ctl, path))(jax.random.key(1))
   coef = np.asarray(out.coef)
   assert np.all((coef >= coef_range[0]) & (coef <= coef_range[1]))
   assert np.all(np.isfinite(np.asarray(out.entropy)))
@@ -466,18 +471,18 @@ def test_controlled_loop_rejects_bad_setups():
   path = controllers.constant_target(0.8)
   good = controllers.predictive(path, vocab_size=4, coef_range=(0.0, 1.0))
   with pytest.raises(ValueError, match="vocab_size"):
-    tabular_control.make_controlled_train(
+    tabular.make_controlled_train(
         _sampled(), controllers.predictive(0.8, vocab_size=5, coef_range=(0.0, 1.0)), path)
   with pytest.raises(ValueError, match="no strength"):
-    tabular_control.make_controlled_train(_sampled(control="none"), good, path)
+    tabular.make_controlled_train(_sampled(control=covrl.NoControl()), good, path)
   with pytest.raises(ValueError, match="fraction"):
-    tabular_control.make_controlled_train(
-        _sampled(control="clip_cov"),
+    tabular.make_controlled_train(
+        _sampled(control=covrl.ClipCov()),
         controllers.predictive(path, vocab_size=4, coef_range=(0.0, 2.0)), path)
   with pytest.raises(ValueError, match=r"log V"):
-    tabular_control.make_controlled_train(_sampled(), good, 3.0)
+    tabular.make_controlled_train(_sampled(), good, 3.0)
   with pytest.raises(TypeError):
-    tabular_control.make_controlled_train(_sampled(), "predictive", path)
+    tabular.make_controlled_train(_sampled(), "predictive", path)
 
 
 def test_switch_runs_the_indexed_controller_and_vmaps_over_the_index():
@@ -505,20 +510,20 @@ def test_switch_runs_the_indexed_controller_and_vmaps_over_the_index():
 
 
 def test_affine_shortcut_equals_rerunning_the_step():
-  with jax.enable_x64(True):
+  with enable_x64(True):
     cfg = _sampled(num_steps=10, dtype="float64")
     path = controllers.linear_target(math.log(4), 0.6, 10)
     ctl = controllers.predictive(path, vocab_size=4, coef_range=(0.0, 2.0))
-    runs = [jax.jit(tabular_control.make_controlled_train(cfg, ctl, path, affine=a))(
+    runs = [jax.jit(tabular.make_controlled_train(cfg, ctl, path, affine=a))(
         jax.random.key(4)) for a in (True, False)]
     jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-9, atol=1e-12), *runs)
   with pytest.raises(ValueError, match="affine"):
-    tabular_control.make_controlled_train(_sampled(num_minibatches=2), ctl, path, affine=True)
+    tabular.make_controlled_train(_sampled(num_minibatches=2), ctl, path, affine=True)
 
 
 def test_controlled_bonus_transform_equals_the_core_bonus_at_the_chosen_coefficient():
-  """With SGD the wrapper's update is covrl.entropy_bonus(c) then sgd, at the c it chose."""
-  with jax.enable_x64(True):
+  """With SGD the wrapper's update is the core bonus transform at c, then sgd, at the c it chose."""
+  with enable_x64(True):
     z = jnp.asarray([[2.0, 0.5, -1.0, 0.0], [0.3, -0.2, 0.1, 1.5]])
     g = jnp.asarray([[-0.3, 0.1, 0.1, 0.1], [0.05, -0.2, 0.05, 0.1]])
     h = float(ep.pooled_entropy(z))
@@ -529,7 +534,7 @@ def test_controlled_bonus_transform_equals_the_core_bonus_at_the_chosen_coeffici
     assert 0 < coef < 10 and not bool(state.controller.saturated)
     # The core transform's bonus is per state; the pooled (mean over the 2 states) entropy's
     # gradient is half of it, so the same step needs coef / 2 there.
-    ref = optax.chain(covrl.entropy_bonus(coef / 2), optax.sgd(0.5))
+    ref = optax.chain(covrl.transform(covrl.EntropyBonus(coef / 2)), optax.sgd(0.5))
     expected, _ = ref.update(g, ref.init(z), z)
     np.testing.assert_allclose(np.asarray(dz), np.asarray(expected), rtol=1e-6, atol=1e-12)
     np.testing.assert_allclose(float(ep.pooled_entropy_change(z, dz)), 0.05, atol=1e-6)

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import covrl
 from covrl import controllers
-from covrl.claims import registry
-from covrl.transformer import control as methods
+from covrl.experiments.claims import registry
 from covrl.transformer import controlled, grpo, lab, tasks
 from covrl.transformer.config import GRPOConfig
 
@@ -21,16 +21,17 @@ T = 4
 
 def _config(**kw):
   base = dataclasses.replace(lab.lab_config("test"), num_steps=T, sft=None,
-                             control=methods.entropy_bonus(0.0))
+                             control=covrl.EntropyBonus(0.0))
   return dataclasses.replace(base, **kw)
 
 
+@pytest.mark.slow
 def test_fixed_controller_reproduces_the_grpo_trainer():
   """A fixed coefficient through the controlled loop is the lab's own loop with that bonus."""
   config = _config()
   key = jax.random.key(0)
   plain = grpo.get_trainer(config)
-  state = plain.init(key, control=methods.entropy_bonus(0.05))
+  state = plain.init(key, control=covrl.EntropyBonus(0.05))
   final, metrics = plain.run(state, T)
   ct = controlled.get_controlled_trainer(config, controllers.fixed(0.05, coef_range=(0.0, 1.0)))
   cfinal, cmetrics = ct.run(ct.init(key), T)
@@ -86,8 +87,8 @@ def test_controlled_trainer_rejects_bad_setups():
   v = config.model.vocab_size
   good = controllers.predictive(1.0, vocab_size=v, coef_range=(0.0, 1.0))
   with pytest.raises(ValueError, match="'none' or 'entropy'"):
-    controlled.ControlledTrainer(dataclasses.replace(config, control=methods.kl_cov(0.01)),
-                                 good)
+    controlled.ControlledTrainer(
+        dataclasses.replace(config, control=covrl.KLCov(kl_cov_ratio=0.01)), good)
   with pytest.raises(ValueError, match="vocab_size"):
     controlled.ControlledTrainer(
         config, controllers.predictive(1.0, vocab_size=v + 1, coef_range=(0.0, 1.0)))
@@ -99,7 +100,7 @@ def test_controlled_trainer_rejects_bad_setups():
     controlled.ControlledTrainer(config, "predictive")
   # A config without a control gets the bonus as its knob.
   plain = GRPOConfig(tasks.Sort(6, 3), num_steps=2, sft=None)
-  assert controlled.ControlledTrainer(plain, controllers.fixed(0.1)).config.control.method == (
+  assert controlled.ControlledTrainer(plain, controllers.fixed(0.1)).config.control.name == (
       "entropy")
 
 
@@ -125,6 +126,7 @@ def test_eight_devices_equal_one_device():
 # --------------------------------------------------------------------- reported control claims
 
 
+@pytest.mark.slow
 def test_tabular_cost_claim_reports_its_measurement():
   m = registry.run("C3", "test").measurement
   step = m.measured["step_us"]

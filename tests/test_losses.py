@@ -2,10 +2,12 @@
 
 import functools
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from absl.testing import parameterized
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -72,6 +74,7 @@ def tokens(seed, b=6, t=10, dtype=np.float64, p_mask=0.25):
 
 
 # ---------------------------------------------------------------- values
+@pytest.mark.float64
 @pytest.mark.parametrize("mode", MODES)
 def test_policy_gradient_loss_matches_reference(mode):
   old, new, adv, mask = tokens(0)
@@ -81,6 +84,7 @@ def test_policy_gradient_loss_matches_reference(mode):
   np.testing.assert_allclose(m["approx_kl"], (old - new)[mask > 0].mean(), rtol=1e-12)
 
 
+@pytest.mark.float64
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("low, high, c", [(0.2, 0.2, 3.0), (0.2, 0.28, 3.0), (0.1, 0.3, None)])
 def test_ppo_loss_matches_reference(mode, low, high, c):
@@ -93,6 +97,7 @@ def test_ppo_loss_matches_reference(mode, low, high, c):
   assert 0 < m["clip_frac"] < 1
 
 
+@pytest.mark.float64
 def test_seq_mean_token_sum_norm_uses_horizon():
   old, new, adv, mask = tokens(2)
   loss, _ = covrl.ppo_loss(old, new, adv, mask, loss_agg_mode="seq-mean-token-sum-norm",
@@ -102,21 +107,23 @@ def test_seq_mean_token_sum_norm_uses_horizon():
       rtol=1e-12)
 
 
+@pytest.mark.float64
 @pytest.mark.parametrize("mode", MODES)
 def test_kl_cov_loss_matches_reference(mode):
   old, new, adv, mask = tokens(3)
-  loss, m = covrl.kl_cov_loss(old, new, adv, mask, kl_cov_ratio=0.1, kl_coef=0.7,
+  loss, m = covrl.kl_cov_loss(old, new, adv, mask, kl_cov_ratio=0.1, ppo_kl_coef=0.7,
                               loss_agg_mode=mode)
   ref_mat, top = np_kl_cov(old, new, adv, mask, 0.1, 0.7)
   np.testing.assert_allclose(loss, np_agg(ref_mat, mask, mode), rtol=1e-12)
   np.testing.assert_allclose(m["selected_frac"], len(top) / mask.sum(), rtol=1e-12)
 
 
+@pytest.mark.float64
 @pytest.mark.parametrize("mode", MODES)
 def test_clip_cov_loss_matches_reference_when_every_candidate_is_detached(mode):
   old, new, adv, mask = tokens(4)
   lb, ub = 0.05, 3.0
-  loss, m = covrl.clip_cov_loss(jax.random.key(0), old, new, adv, mask, clip_cov_ratio=1.0,
+  loss, m = covrl.clip_cov_loss(old, new, adv, mask, key=jax.random.key(0), clip_cov_ratio=1.0,
                                 clip_cov_lb=lb, clip_cov_ub=ub, loss_agg_mode=mode)
   ref_mat, clipped = np_ppo(old, new, adv, .2, .2)
   c = np_cov(new, adv, mask)
@@ -132,12 +139,13 @@ def test_clip_cov_detaches_count_tokens_from_band():
   c = np_cov(new, adv, mask)
   _, clipped = np_ppo(old, new, adv, .2, .2)
   cands = (mask > 0) & ~clipped & (c > 0.05) & (c < 3.0)
-  _, m = covrl.clip_cov_loss(jax.random.key(1), old, new, adv, mask, clip_cov_ratio=0.02,
-                             clip_cov_lb=0.05, clip_cov_ub=3.0)
+  _, m = covrl.clip_cov_loss(old, new, adv, mask, clip_cov_ratio=0.02,
+                             clip_cov_lb=0.05, clip_cov_ub=3.0, key=jax.random.key(1))
   count = min(max(int(0.02 * mask.sum()), 1), cands.sum())
   np.testing.assert_allclose(m["selected_frac"] * mask.sum(), count)
 
 
+@pytest.mark.float64
 def test_entropy_bonus_loss_matches_reference():
   rng = np.random.default_rng(6)
   logits = rng.normal(size=(3, 4, 5)) * 2
@@ -174,6 +182,7 @@ def fd(f, x, h=1e-6):
   return g
 
 
+@pytest.mark.float64
 @pytest.mark.parametrize("name", ["pg", "ppo", "kl_cov", "clip_cov"])
 def test_gradients_match_finite_differences(name):
   old, new, adv, mask = tokens(7, b=3, t=5)
@@ -182,12 +191,12 @@ def test_gradients_match_finite_differences(name):
       "pg": lambda lp: covrl.policy_gradient_loss(old, lp, adv, mask)[0],
       "ppo": lambda lp: covrl.ppo_loss(old, lp, adv, mask)[0],
       "kl_cov": lambda lp: covrl.kl_cov_loss(old, lp, adv, mask, kl_cov_ratio=0.2,
-                                             kl_coef=0.5)[0],
+                                             ppo_kl_coef=0.5)[0],
       # Selection fixed, so the loss is a smooth function of log_prob for finite differences.
-      "clip_cov": lambda lp: covrl.clip_cov_loss(None, old, lp, adv, mask, selected=sel)[0],
+      "clip_cov": lambda lp: covrl.clip_cov_loss(old, lp, adv, mask, selected=sel)[0],
   }
-  sel = covrl.clip_cov_select(key, covrl.token_covariance(new, adv, mask), mask, ratio=0.3,
-                              lb=0.0, ub=10.0)
+  sel = covrl.clip_cov_select(covrl.token_covariance(new, adv, mask), mask, ratio=0.3,
+                              lb=0.0, ub=10.0, key=key).mask
   f = fns[name]
   g = jax.grad(f)(jnp.asarray(new))
   np.testing.assert_allclose(g, fd(lambda x: float(f(x)), new), atol=1e-7)
@@ -198,7 +207,7 @@ def test_kl_cov_is_inert_on_policy():
   """|x|'(0) = 0: with log pi = log pi_old the gradient equals the policy gradient's."""
   _, new, adv, mask = tokens(8)
   g_kl = jax.grad(lambda lp: covrl.kl_cov_loss(jax.lax.stop_gradient(lp), lp, adv, mask,
-                                               kl_cov_ratio=0.5, kl_coef=1.0)[0])(new)
+                                               kl_cov_ratio=0.5, ppo_kl_coef=1.0)[0])(new)
   g_pg = jax.grad(lambda lp: covrl.policy_gradient_loss(jax.lax.stop_gradient(lp), lp, adv,
                                                         mask)[0])(new)
   np.testing.assert_array_equal(g_kl, g_pg)
@@ -210,7 +219,7 @@ def test_kl_cov_is_inert_on_policy():
 def test_kl_cov_acts_off_policy():
   old, new, adv, mask = tokens(9)
   g_kl = jax.grad(lambda lp: covrl.kl_cov_loss(old, lp, adv, mask, kl_cov_ratio=0.5,
-                                               kl_coef=1.0)[0])(new)
+                                               ppo_kl_coef=1.0)[0])(new)
   g_pg = jax.grad(lambda lp: covrl.policy_gradient_loss(old, lp, adv, mask)[0])(new)
   assert np.abs(np.asarray(g_kl - g_pg)).max() > 1e-3
 
@@ -222,7 +231,7 @@ def test_all_masked_batch_gives_zero_loss_and_zero_gradient():
   fns = [
       lambda lp: covrl.ppo_loss(old, lp, adv, mask)[0],
       lambda lp: covrl.kl_cov_loss(old, lp, adv, mask)[0],
-      lambda lp: covrl.clip_cov_loss(jax.random.key(0), old, lp, adv, mask)[0],
+      lambda lp: covrl.clip_cov_loss(old, lp, adv, mask, key=jax.random.key(0))[0],
   ]
   for f in fns:
     value, g = jax.value_and_grad(f)(jnp.asarray(new))
@@ -278,10 +287,10 @@ def test_minus_inf_vocabulary_entries_give_finite_bonus_gradient():
     (lambda t: covrl.ppo_loss(*t, clip_ratio=1.5), ValueError, "fraction"),
     (lambda t: covrl.ppo_loss(*t, clip_ratio_c=0.5), ValueError, "clip_ratio_c"),
     (lambda t: covrl.kl_cov_loss(*t, kl_cov_ratio=2.0), ValueError, "fraction"),
-    (lambda t: covrl.kl_cov_loss(*t, kl_coef=-1.0), ValueError, "kl_coef"),
-    (lambda t: covrl.clip_cov_loss(jax.random.key(0), *t, clip_cov_lb=5.0, clip_cov_ub=1.0),
+    (lambda t: covrl.kl_cov_loss(*t, ppo_kl_coef=-1.0), ValueError, "ppo_kl_coef"),
+    (lambda t: covrl.clip_cov_loss(*t, clip_cov_lb=5.0, clip_cov_ub=1.0, key=jax.random.key(0)),
      ValueError, "lb < ub"),
-    (lambda t: covrl.clip_cov_loss(None, *t), ValueError, "key"),
+    (lambda t: covrl.clip_cov_loss(*t), ValueError, "key"),
     (lambda t: covrl.ppo_loss(*t, loss_agg_mode="mean"), ValueError, "loss_agg_mode"),
     (lambda t: covrl.kl_cov_loss(*t, selection="local", micro_batch_size=4), ValueError,
      "divide"),
@@ -308,7 +317,32 @@ def test_jit_equals_no_jit_and_bfloat16_inputs_compute_in_float32():
   assert loss16.dtype == jnp.float32
 
 
+CONTROLS = {"none": covrl.NoControl(), "clip_higher": covrl.ClipHigher(),
+            "clip_cov": covrl.ClipCov(clip_cov_ratio=0.1, clip_cov_lb=0.0),
+            "kl_cov": covrl.KLCov(kl_cov_ratio=0.1), "bonus": covrl.EntropyBonus(0.01)}
+
+
+class PolicyLossUnderJit(chex.TestCase):
+  """Each method's loss, metrics and gradient agree with and without jit (float32 round-off)."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.named_parameters(*((name, name) for name in CONTROLS))
+  def test_loss_metrics_and_gradient(self, name):
+    old, new, adv, mask = tokens(16, dtype=np.float32)
+    logits = jax.random.normal(jax.random.key(1), (*old.shape, 6))
+    control, key = CONTROLS[name], jax.random.key(2)
+
+    def value_and_grad(lp):
+      return jax.value_and_grad(lambda lp: covrl.policy_loss(
+          control, old, lp, adv, mask, key=key, logits=logits), has_aux=True)(lp)
+
+    got = self.variant(value_and_grad)(jnp.asarray(new))
+    want = jax.jit(value_and_grad)(jnp.asarray(new))
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-7)
+
+
 # ---------------------------------------------------------------- local (verl) selection
+@pytest.mark.float64
 def test_local_selection_selects_per_micro_batch_like_verl():
   """verl ranks tokens within each micro-batch: the counts and means are per micro-batch."""
   old, new, adv, mask = tokens(15, b=8, t=6, p_mask=0.0)
@@ -338,8 +372,8 @@ def _mesh():
 
 LOSSES = {
     "ppo": lambda key, *a, **k: covrl.ppo_loss(*a, clip_ratio_high=0.28, **k),
-    "kl_cov": lambda key, *a, **k: covrl.kl_cov_loss(*a, kl_cov_ratio=0.05, kl_coef=1.0, **k),
-    "clip_cov": lambda key, *a, **k: covrl.clip_cov_loss(key, *a, clip_cov_ratio=0.05,
+    "kl_cov": lambda key, *a, **k: covrl.kl_cov_loss(*a, kl_cov_ratio=0.05, ppo_kl_coef=1.0, **k),
+    "clip_cov": lambda key, *a, **k: covrl.clip_cov_loss(*a, key=key, clip_cov_ratio=0.05,
                                                          clip_cov_lb=0.05, clip_cov_ub=3.0, **k),
 }
 
@@ -384,18 +418,18 @@ def test_gradient_accumulation_with_global_selection_is_exact(name):
   key = jax.random.key(5)
   cov = covrl.token_covariance(new, adv, mask)
   if name == "kl_cov":
-    selected = covrl.kl_cov_select(cov, mask, ratio=0.05)
+    selected = covrl.kl_cov_select(cov, mask, ratio=0.05).mask
     full = lambda lp: covrl.kl_cov_loss(old, lp, adv, mask, kl_cov_ratio=0.05)[0]
     part = lambda lp, rows, den: covrl.kl_cov_loss(
         old[rows], lp, adv[rows], mask[rows], selected=selected[rows], denominator=den)[0]
   else:
     eligible = ~np_ppo(old, new, adv, .2, .2)[1]
-    selected = covrl.clip_cov_select(key, cov, mask, ratio=0.05, lb=0.05, ub=3.0,
-                                     eligible=eligible)
-    full = lambda lp: covrl.clip_cov_loss(key, old, lp, adv, mask, clip_cov_ratio=0.05,
-                                          clip_cov_lb=0.05, clip_cov_ub=3.0)[0]
+    selected = covrl.clip_cov_select(cov, mask, ratio=0.05, lb=0.05, ub=3.0,
+                                     eligible=eligible, key=key).mask
+    full = lambda lp: covrl.clip_cov_loss(old, lp, adv, mask, clip_cov_ratio=0.05,
+                                          clip_cov_lb=0.05, clip_cov_ub=3.0, key=key)[0]
     part = lambda lp, rows, den: covrl.clip_cov_loss(
-        None, old[rows], lp, adv[rows], mask[rows], selected=selected[rows], denominator=den)[0]
+        old[rows], lp, adv[rows], mask[rows], selected=selected[rows], denominator=den)[0]
   assert np.asarray(selected).any()
   den = covrl.denominator(mask, "token-mean")
   g_full = jax.grad(full)(new)
@@ -411,7 +445,7 @@ def test_metrics_keys_are_the_same_for_every_policy_loss():
       frozenset(covrl.policy_gradient_loss(*t)[1]),
       frozenset(covrl.ppo_loss(*t)[1]),
       frozenset(covrl.kl_cov_loss(*t)[1]),
-      frozenset(covrl.clip_cov_loss(jax.random.key(0), *t)[1]),
+      frozenset(covrl.clip_cov_loss(*t, key=jax.random.key(0))[1]),
   }
   assert len(keys) == 1
 
@@ -438,9 +472,9 @@ def test_local_clip_cov_uses_per_micro_batch_means_like_verl():
                   [3.0, -3.0, 1.0, 0.0], [2.0, 1.0, -2.0, -1.0]])
   mask = np.ones_like(new)
   kw = dict(clip_cov_ratio=1.0, clip_cov_lb=0.3, clip_cov_ub=5.0)
-  _, m_local = covrl.clip_cov_loss(jax.random.key(0), old, new, adv, mask, selection="local",
-                                   micro_batch_size=2, **kw)
-  _, m_global = covrl.clip_cov_loss(jax.random.key(0), old, new, adv, mask, **kw)
+  _, m_local = covrl.clip_cov_loss(old, new, adv, mask, selection="local",
+                                   micro_batch_size=2, **kw, key=jax.random.key(0))
+  _, m_global = covrl.clip_cov_loss(old, new, adv, mask, **kw, key=jax.random.key(0))
   per_group = np.concatenate([np_cov(new[r], adv[r], mask[r]) for r in (slice(0, 2),
                                                                          slice(2, 4))])
   whole = np_cov(new, adv, mask)
@@ -471,3 +505,27 @@ def test_entropy_bonus_eager_checks_only_valid_positions():
   logits[0, 0, 0] = np.nan
   with pytest.raises(ValueError, match="NaN"):
     covrl.entropy_bonus_loss(logits, np.array([[1.0, 0.0]]), coef=1.0)
+
+
+def test_value_checks_run_when_a_jit_closes_over_concrete_arrays():
+  """A jitted loss that closes over concrete batch arrays (a common way to write a step) sees
+  them as concrete: their value checks run at trace time, and bad values still raise."""
+  rng = np.random.default_rng(0)
+  old = jnp.asarray(rng.standard_normal((3, 4)) - 2.0, jnp.float32)
+  adv = jnp.asarray(rng.standard_normal((3, 4)), jnp.float32)
+  mask = jnp.asarray([[1, 1, 0, 1], [1, 0, 1, 1], [1, 1, 1, 0]], bool)
+  logits = jnp.asarray(rng.standard_normal((3, 4, 5)), jnp.float32)
+  weights = jnp.asarray(rng.random((3, 4)), jnp.float32)
+
+  def loss(lp, old=old, mask=mask):
+    value, _ = covrl.policy_loss(covrl.EntropyBonus(0.01), old, lp, adv, mask, logits=logits)
+    return value + covrl.pooled_entropy(logits, weights)
+
+  lp = old + 0.1
+  eager_value = loss(lp)
+  np.testing.assert_allclose(jax.jit(loss)(lp), eager_value, rtol=1e-6)
+  bad_old, bad_mask = old.at[0, 0].set(jnp.nan), mask.astype(jnp.float32).at[0, 0].set(0.5)
+  with pytest.raises(ValueError, match="non-finite"):
+    jax.jit(lambda lp: loss(lp, old=bad_old))(lp)
+  with pytest.raises(ValueError, match="only 0 and 1"):
+    jax.jit(lambda lp: loss(lp, mask=bad_mask))(lp)

@@ -1,6 +1,5 @@
 """Token covariance and Clip-Cov / KL-Cov selection against NumPy references, on 1 and 8 devices."""
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -47,12 +46,14 @@ def mesh8():
   return jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
+@pytest.mark.float64
 def test_token_covariance_matches_numpy():
   lp, adv, mask = batch(0, dtype=np.float64)
   np.testing.assert_allclose(covrl.token_covariance(lp, adv, mask), np_token_cov(lp, adv, mask),
                              atol=1e-12)
 
 
+@pytest.mark.float64
 def test_token_covariance_leaves_out_nonfinite_tokens():
   lp, adv, mask = batch(1, dtype=np.float64)
   lp[0, 0], adv[1, 1] = np.nan, np.inf
@@ -85,14 +86,14 @@ def test_count_with_traced_ratio_needs_bound():
 def test_kl_cov_select_matches_stable_sort_reference(ratio):
   lp, adv, mask = batch(2)
   cov = np.asarray(covrl.token_covariance(lp, adv, mask))
-  got = np.asarray(jax.jit(functools.partial(covrl.kl_cov_select, ratio=ratio))(cov, mask))
+  got = np.asarray(jax.jit(lambda c, m: covrl.kl_cov_select(c, m, ratio=ratio).mask)(cov, mask))
   np.testing.assert_array_equal(got, np_kl_select(cov, mask, ratio))
 
 
 def test_kl_cov_ties_go_to_lower_flat_index():
   cov = np.zeros((2, 4), np.float32)
   cov[1, 0] = cov[0, 3] = cov[1, 3] = 1.0
-  got = np.asarray(covrl.kl_cov_select(cov, np.ones((2, 4)), ratio=2 / 8))
+  got = np.asarray(covrl.kl_cov_select(cov, np.ones((2, 4)), ratio=2 / 8).mask)
   expected = np.zeros((2, 4), bool)
   expected[0, 3] = expected[1, 0] = True
   np.testing.assert_array_equal(got, expected)
@@ -105,8 +106,8 @@ def test_clip_cov_select_keeps_count_inside_band():
   lb, ub = 0.1, 1.5
   cands = mask.astype(bool) & eligible & (cov > lb) & (cov < ub)
   for ratio in (0.01, 0.05, 1.0):
-    got = np.asarray(covrl.clip_cov_select(jax.random.key(0), cov, mask, ratio=ratio, lb=lb,
-                                           ub=ub, eligible=eligible))
+    got = np.asarray(covrl.clip_cov_select(cov, mask, key=jax.random.key(0), ratio=ratio, lb=lb,
+                                           ub=ub, eligible=eligible).mask)
     assert got.sum() == min(np_count(ratio, mask.sum()), cands.sum())
     assert not (got & ~cands).any()
 
@@ -118,7 +119,8 @@ def test_clip_cov_select_draw_is_uniform_over_candidates():
   mask = np.ones((1, 40), np.float32)
   draws = 4000
   keys = jax.random.split(jax.random.key(1), draws)
-  sel = jax.vmap(lambda k: covrl.clip_cov_select(k, cov, mask, ratio=0.1, lb=1.0, ub=5.0))(keys)
+  sel = jax.vmap(lambda k: covrl.clip_cov_select(cov, mask, key=k, ratio=0.1, lb=1.0,
+                                                 ub=5.0).mask)(keys)
   freq = np.asarray(sel).mean(0)[0]
   np.testing.assert_array_equal(freq[::2], 0.0)
   p = 4 / 20  # count = floor(0.1 * 40) = 4 of 20 candidates
@@ -129,8 +131,7 @@ def test_clip_cov_select_draw_is_uniform_over_candidates():
 def test_same_key_same_selection_and_different_keys_differ():
   cov = np.full((4, 64), 2.0, np.float32)
   mask = np.ones_like(cov)
-  f = functools.partial(covrl.clip_cov_select, cov=cov, response_mask=mask, ratio=0.05, lb=1.0,
-                        ub=5.0)
+  f = lambda k: covrl.clip_cov_select(cov, mask, key=k, ratio=0.05, lb=1.0, ub=5.0).mask
   a, b, c = f(jax.random.key(3)), f(jax.random.key(3)), f(jax.random.key(4))
   np.testing.assert_array_equal(a, b)
   assert (np.asarray(a) != np.asarray(c)).any()
@@ -139,15 +140,15 @@ def test_same_key_same_selection_and_different_keys_differ():
 def test_all_masked_selects_nothing():
   cov = np.ones((2, 3), np.float32) * 2
   mask = np.zeros((2, 3), np.float32)
-  assert not np.asarray(covrl.kl_cov_select(cov, mask, ratio=0.5)).any()
-  assert not np.asarray(covrl.clip_cov_select(jax.random.key(0), cov, mask, ratio=0.5, lb=1.0,
-                                              ub=5.0)).any()
+  assert not np.asarray(covrl.kl_cov_select(cov, mask, ratio=0.5).mask).any()
+  assert not np.asarray(covrl.clip_cov_select(cov, mask, key=jax.random.key(0), ratio=0.5, lb=1.0,
+                                              ub=5.0).mask).any()
 
 
 def test_nan_covariance_is_never_selected():
   cov = np.array([[np.nan, 1.0, 0.5, 3.0]], np.float32)
   # The NaN token is not counted either: count = floor(0.7 * 3) = 2.
-  got = np.asarray(jax.jit(lambda c: covrl.kl_cov_select(c, jnp.ones((1, 4)), ratio=0.7))(cov))
+  got = np.asarray(jax.jit(lambda c: covrl.kl_cov_select(c, jnp.ones((1, 4)), ratio=0.7).mask)(cov))
   np.testing.assert_array_equal(got, [[False, True, False, True]])
 
 
@@ -157,7 +158,7 @@ def test_nan_covariance_is_never_selected():
 def test_bad_hyperparameters_raise(bad):
   kwargs = dict(ratio=0.1, lb=1.0, ub=5.0) | bad
   with pytest.raises(ValueError):
-    covrl.clip_cov_select(jax.random.key(0), np.ones((2, 2), np.float32), np.ones((2, 2)),
+    covrl.clip_cov_select(np.ones((2, 2), np.float32), np.ones((2, 2)), key=jax.random.key(0),
                           **kwargs)
 
 
@@ -175,8 +176,8 @@ def _shard_map_select(kind, cov, mask, key, **kw):
 
   def local(c, m):
     if kind == "kl":
-      return covrl.kl_cov_select(c, m, axis_name="data", **kw)
-    return covrl.clip_cov_select(key, c, m, axis_name="data", **kw)
+      return covrl.kl_cov_select(c, m, axis_name="data", **kw).mask
+    return covrl.clip_cov_select(c, m, key=key, axis_name="data", **kw).mask
 
   f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("data"), P("data")),
                             out_specs=P("data")))
@@ -191,9 +192,9 @@ def test_global_selection_is_identical_on_one_and_eight_devices(kind, ratio):
   kw = dict(ratio=ratio) if kind == "kl" else dict(ratio=ratio, lb=0.05, ub=2.0)
   cov = covrl.token_covariance(lp, adv, mask)
   if kind == "kl":
-    one = covrl.kl_cov_select(cov, mask, **kw)
+    one = covrl.kl_cov_select(cov, mask, **kw).mask
   else:
-    one = covrl.clip_cov_select(key, cov, mask, **kw)
+    one = covrl.clip_cov_select(cov, mask, key=key, **kw).mask
   assert np.asarray(one).any()
   # shard_map with an axis name: local covariance statistics and top-k made global.
   mesh = mesh8()
@@ -201,8 +202,8 @@ def test_global_selection_is_identical_on_one_and_eight_devices(kind, ratio):
   def local(l, a, m):
     c = covrl.token_covariance(l, a, m, axis_name="data")
     if kind == "kl":
-      return covrl.kl_cov_select(c, m, axis_name="data", **kw)
-    return covrl.clip_cov_select(key, c, m, axis_name="data", **kw)
+      return covrl.kl_cov_select(c, m, axis_name="data", **kw).mask
+    return covrl.clip_cov_select(c, m, key=key, axis_name="data", **kw).mask
 
   sm = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P("data"),) * 3, out_specs=P("data")))
   np.testing.assert_array_equal(sm(lp, adv, mask), one)
@@ -213,8 +214,8 @@ def test_global_selection_is_identical_on_one_and_eight_devices(kind, ratio):
   def glob(l, a, m):
     c = covrl.token_covariance(l, a, m)
     if kind == "kl":
-      return covrl.kl_cov_select(c, m, **kw)
-    return covrl.clip_cov_select(key, c, m, **kw)
+      return covrl.kl_cov_select(c, m, **kw).mask
+    return covrl.clip_cov_select(c, m, key=key, **kw).mask
 
   np.testing.assert_array_equal(jax.jit(glob)(*args), one)
 
@@ -246,18 +247,18 @@ def test_two_level_top_k_equals_lax_top_k_including_ties(size, k):
 
 @pytest.mark.parametrize("kind", ["kl", "clip"])
 @pytest.mark.parametrize("ratio", [0.0, 0.01, 0.3, 1.0])
-def test_return_count_equals_mask_sum_on_one_and_eight_devices(kind, ratio):
+def test_selection_count_equals_mask_sum_on_one_and_eight_devices(kind, ratio):
   """The count read off the top-K list is the mask's sum, per device under shard_map."""
   lp, adv, mask = batch(11, b=16, t=24)
   key = jax.random.key(3)
-  kw = dict(ratio=ratio, return_count=True)
+  kw = dict(ratio=ratio)
   if kind == "clip":
     kw.update(lb=0.05, ub=2.0)
 
   def select(c, m, **extra):
     if kind == "kl":
       return covrl.kl_cov_select(c, m, **kw, **extra)
-    return covrl.clip_cov_select(key, c, m, **kw, **extra)
+    return covrl.clip_cov_select(c, m, key=key, **kw, **extra)
 
   chosen, num = select(covrl.token_covariance(lp, adv, mask), mask)
   assert int(num) == int(np.asarray(chosen).sum()) > 0

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 import covrl
-from covrl import theory
+from covrl._compat import enable_x64
+from covrl.tabular import theory
 
 
 def _np_group_advantages(rewards, eps=1e-6, normalize_std=True):
@@ -44,7 +45,7 @@ def test_grpo_expected_advantages_match_brute_force(noise, group):
   rng = np.random.default_rng(group)
   pi = rng.dirichlet(np.ones(3))
   r = rng.uniform(size=3)
-  with jax.enable_x64(True):
+  with enable_x64(True):
     w = np.asarray(theory.grpo_expected_advantages(jnp.asarray(pi), jnp.asarray(r), group,
                                                    noise=noise))
   np.testing.assert_allclose(w, _brute_force_w(pi, r, group, noise), rtol=1e-9, atol=1e-12)
@@ -53,14 +54,14 @@ def test_grpo_expected_advantages_match_brute_force(noise, group):
 
 def test_dr_grpo_expected_advantages_closed_form():
   pi, r, group = np.array([0.2, 0.5, 0.3]), np.array([1.0, 0.2, 0.4]), 5
-  with jax.enable_x64(True):
+  with enable_x64(True):
     w = theory.grpo_expected_advantages(jnp.asarray(pi), jnp.asarray(r), group,
                                         normalize_std=False)
   np.testing.assert_allclose(w, (group - 1) / group * (r - pi @ r), atol=1e-12)
 
 
 def test_grpo_fixed_point_solves_its_equation():
-  with jax.enable_x64(True):
+  with enable_x64(True):
     r = jnp.asarray([0.9, 0.6, 0.2])
     pi, residual = theory.grpo_fixed_point(r, 1.0, 4)
     w = np.asarray(theory.grpo_expected_advantages(pi, r, 4))
@@ -72,7 +73,7 @@ def test_bias_and_bounds_against_numpy():
   rng = np.random.default_rng(0)
   r = rng.normal(size=(10, 6))
   alpha = 10 ** rng.uniform(-2, 1, size=10)
-  with jax.enable_x64(True):
+  with enable_x64(True):
     bias = np.asarray(theory.entropy_bias(jnp.asarray(r), jnp.asarray(alpha)))
     log_bound, gap_bound = (np.asarray(x) for x in theory.bias_bounds(jnp.asarray(r),
                                                                       jnp.asarray(alpha)))
@@ -88,7 +89,7 @@ def test_bias_and_bounds_against_numpy():
 def test_kl_identity_against_numpy():
   rng = np.random.default_rng(1)
   pi, r, alpha = rng.dirichlet(np.ones(5)), rng.normal(size=5), 0.7
-  with jax.enable_x64(True):
+  with enable_x64(True):
     left, right = theory.kl_identity(jnp.asarray(pi), jnp.asarray(r), alpha)
   q = np.exp(r / alpha) / np.exp(r / alpha).sum()
   soft = lambda p: p @ r - alpha * (p * np.log(p)).sum()
@@ -102,13 +103,13 @@ def test_npg_closed_form_is_the_iteration():
   z0 = z.copy()
   for _ in range(25):
     z = (1 - eta * alpha) * z + eta * r
-  with jax.enable_x64(True):
+  with enable_x64(True):
     closed = theory.npg_regularized_logits(jnp.asarray(z0), jnp.asarray(r), alpha, eta, 25)
   np.testing.assert_allclose(np.asarray(closed), z, rtol=1e-12)
 
 
 def test_local_rate_is_the_spectral_radius_of_the_update():
-  with jax.enable_x64(True):
+  with enable_x64(True):
     r, alpha, eta = jnp.asarray([1.0, 0.4, 0.3, 0.0]), 0.5, 1.5
     z_star = r / alpha
 
@@ -139,7 +140,7 @@ def test_soft_q_values_and_policy_value_against_numpy():
   r_pi = (pi * rew).sum(-1) - alpha * (pi * np.log(pi)).sum(-1)
   p_pi = np.einsum("sa,sat->st", pi, p)
   v_pi = np.linalg.solve(np.eye(s) - gamma * p_pi, r_pi)
-  with jax.enable_x64(True):
+  with enable_x64(True):
     np.testing.assert_allclose(theory.soft_q_values(p, rew, gamma, alpha, 500), q, rtol=1e-10)
     np.testing.assert_allclose(theory.soft_policy_value(z, p, rew, gamma, alpha), v_pi,
                                rtol=1e-10)
@@ -184,6 +185,7 @@ def test_sympy_stationarity_and_kl_identity():
   assert sp.simplify(sp.expand_log(soft_q - objective - alpha * kl, force=True)) == 0
 
 
+@pytest.mark.float64
 def test_pg_logit_gradient_is_the_gradient_of_the_regularised_objective():
   rng = np.random.default_rng(11)
   z, r = rng.normal(size=(4, 6)) * 2, rng.random((4, 6))

@@ -10,16 +10,16 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import covrl
+from benchmarks.transformer import benchmark_hook
 from covrl import schedules
 from covrl.transformer import (
-  Control,
   GRPOConfig,
   ModelConfig,
   SFTConfig,
-  benchmark_hook,
   get_trainer,
   grpo,
   init_params,
@@ -30,8 +30,7 @@ from covrl.transformer import (
   sampling,
   tasks,
 )
-from covrl.transformer.control import clip_cov, clip_higher, entropy_bonus, kl_cov, no_control
-from covrl.transformer.loss import policy_loss
+from covrl.transformer.loss import normalize_control, policy_loss
 
 CFG = lab.lab_config("test")  # the claims' test size: its compiled programs are shared
 
@@ -50,9 +49,13 @@ def _leaves_equal(a, b) -> bool:
   return all(bool(jnp.array_equal(x, y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def test_same_key_same_result_and_keys_matter(trainer, warm):
+@pytest.mark.slow
+def test_same_key_same_result_and_keys_matter(warm):
+  control = covrl.KLCov(kl_cov_ratio=0.05, ppo_kl_coef=1.0)
+  trainer = get_trainer(dataclasses.replace(CFG, control=control))  # KL-Cov's program
+
   def two_steps(key):
-    state = trainer.init(key, warm, control=kl_cov(0.05, 1.0))
+    state = trainer.init(key, warm, control=control)
     for _ in range(2):
       state, metrics, aux = trainer.step(state)
     return state, metrics, aux
@@ -91,17 +94,19 @@ def test_policy_loss_is_covrls_loss_for_each_method(trainer, warm):
                                       clip_ratio_c=3.0)[0],
         "entropy": covrl.ppo_loss(*args, clip_ratio_c=3.0)[0] + covrl.entropy_bonus_loss(
             raw, args[3], coef=anneal, step=step, temperature=cfg.temperature)[0],
-        "kl_cov": covrl.kl_cov_loss(*args, kl_cov_ratio=0.05, kl_coef=anneal(step))[0],
-        "clip_cov": covrl.clip_cov_loss(key, *args, clip_cov_ratio=0.05, clip_cov_lb=0.0,
+        "kl_cov": covrl.kl_cov_loss(*args, kl_cov_ratio=0.05, ppo_kl_coef=anneal(step))[0],
+        "clip_cov": covrl.clip_cov_loss(*args, key=key, clip_cov_ratio=0.05, clip_cov_lb=0.0,
                                         clip_cov_ub=5.0)[0],
     }
 
   want = references(args, raw, key)
-  controls = {"none": no_control(), "clip_higher": clip_higher(0.2, 0.28),
-              "entropy": entropy_bonus(anneal), "kl_cov": kl_cov(0.05, anneal),
-              "clip_cov": clip_cov(0.05, 0.0, 5.0)}
+  controls = {"none": covrl.NoControl(),
+              "clip_higher": covrl.ClipHigher(clip_ratio_low=0.2, clip_ratio_high=0.28),
+              "entropy": covrl.EntropyBonus(anneal),
+              "kl_cov": covrl.KLCov(kl_cov_ratio=0.05, ppo_kl_coef=anneal),
+              "clip_cov": covrl.ClipCov(clip_cov_ratio=0.05, clip_cov_lb=0.0, clip_cov_ub=5.0)}
   for name, control in controls.items():
-    loss, (metrics, selected) = loss_fn(control.arrays(), step)
+    loss, (metrics, selected) = loss_fn(normalize_control(control, cfg.ratio_bound), step)
     np.testing.assert_allclose(loss, want[name], rtol=1e-5, err_msg=name)
     if name in ("kl_cov", "clip_cov"):
       assert 0 < float(metrics["selected_frac"]) <= 0.05 + 1.0 / batch.responses.size
@@ -133,6 +138,7 @@ class _Interrupted:
     return self.trainer.run(state, num_steps)
 
 
+@pytest.mark.slow
 def test_resume_after_interrupt_equals_uninterrupted_run(trainer, warm, tmp_path):
   key = jax.random.key(5)
   reference, ref_metrics = make_train(CFG)(key, warm)  # one compiled scan over all steps
@@ -194,11 +200,14 @@ def test_checkpoint_of_another_run_is_refused(warm, tmp_path):
                  checkpoint_dir=tmp_path, progress=False)
 
 
-def test_one_and_eight_devices_agree(trainer, warm):
+@pytest.mark.slow
+def test_one_and_eight_devices_agree(warm):
   assert len(jax.devices()) == 8
   mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  sharded = get_trainer(CFG, mesh)
-  for control in (kl_cov(0.05, 1.0), clip_cov(0.05, 0.0, 5.0)):
+  for control in (covrl.KLCov(kl_cov_ratio=0.05, ppo_kl_coef=1.0),
+                  covrl.ClipCov(clip_cov_ratio=0.05, clip_cov_lb=0.0, clip_cov_ub=5.0)):
+    config = dataclasses.replace(CFG, control=control)  # one program per control family
+    trainer, sharded = get_trainer(config), get_trainer(config, mesh)
     one = trainer.init(jax.random.key(9), warm, control=control)
     eight = sharded.init(jax.random.key(9), warm, control=control)
     for _ in range(2):
@@ -227,6 +236,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_get_the_single_process_result(trainer, tmp_path):
   worker = Path(__file__).with_name("_transformer_multihost_worker.py")
@@ -268,21 +278,26 @@ TASK = tasks.Sort(6, 3)
     (lambda: GRPOConfig(TASK, temperature=0.0), ValueError, "temperature"),
     (lambda: GRPOConfig(TASK, learning_rate=-1e-3), ValueError, "learning_rate"),
     (lambda: GRPOConfig(TASK, loss_agg_mode="mean"), ValueError, "loss_agg_mode"),
-    (lambda: GRPOConfig(TASK, dual_clip=1.0), ValueError, "dual_clip"),
-    (lambda: GRPOConfig(TASK, control=kl_cov(0.1), token_ratio_bound=0.05), ValueError,
+    (lambda: GRPOConfig(TASK, control=covrl.NoControl(clip_ratio_c=1.0)), ValueError,
+     "dual clip"),
+    (lambda: GRPOConfig(TASK, control=covrl.KLCov(kl_cov_ratio=0.1), token_ratio_bound=0.05),
+     ValueError,
      "exceeds token_ratio_bound"),
     (lambda: GRPOConfig(TASK, num_steps=2.5), ValueError, "num_steps"),
     (lambda: GRPOConfig("sort"), TypeError, "task"),
     (lambda: GRPOConfig(TASK, control="kl_cov"), TypeError, "control"),
     (lambda: GRPOConfig(TASK, sft=SFTConfig(noise=1.0)), ValueError, "noise"),
-    (lambda: Control("entropy_bonus"), ValueError, "unknown control method"),
-    (lambda: Control("kl_cov"), ValueError, "token ratio > 0"),
-    (lambda: Control("none", coef=0.1), ValueError, "takes no coef"),
-    (lambda: Control("entropy", coef=0.1, ratio=0.1), ValueError, "takes no token ratio"),
-    (lambda: clip_higher(0.2, 0.2), ValueError, "clip_ratio_high > clip_ratio_low"),
-    (lambda: clip_cov(2e-4, 5.0, 1.0), ValueError, "clip_cov_lb < clip_cov_ub"),
-    (lambda: kl_cov(1.5), ValueError, "fraction"),
-    (lambda: entropy_bonus(-1.0), ValueError, "coef"),
+    (lambda: covrl.method("entropy_bonus"), ValueError, "unknown method"),
+    (lambda: covrl.NoControl(entropy_coeff=0.1), TypeError, "entropy_coeff"),
+    (lambda: covrl.EntropyBonus(0.1, kl_cov_ratio=0.1), TypeError, "kl_cov_ratio"),
+    (lambda: covrl.ClipHigher(clip_ratio_low=0.2, clip_ratio_high=0.2), ValueError,
+     "clip_ratio_high > clip_ratio_low"),
+    (lambda: covrl.ClipCov(clip_cov_ratio=2e-4, clip_cov_lb=5.0, clip_cov_ub=1.0), ValueError,
+     "lb < ub"),
+    (lambda: covrl.KLCov(kl_cov_ratio=1.5), ValueError, "fraction"),
+    (lambda: covrl.EntropyBonus(-1.0), ValueError, "coef"),
+    (lambda: get_trainer(CFG).init(jax.random.key(0), control=covrl.EntropyBonus(
+        optax.linear_schedule(0.1, 0.0, 10))), TypeError, "PowerDecay"),
 ])
 def test_bad_configs_fail_before_compilation(make, error, match):
   with pytest.raises(error, match=match):
@@ -291,7 +306,10 @@ def test_bad_configs_fail_before_compilation(make, error, match):
 
 def test_bad_runs_fail_before_compilation(trainer, tmp_path):
   with pytest.raises(ValueError, match="token_ratio_bound"):
-    trainer.init(jax.random.key(0), control=kl_cov(0.5))
+    trainer.init(jax.random.key(0), control=covrl.KLCov(kl_cov_ratio=0.5))
+  # One compiled program per control family: another family needs its own Trainer.
+  with pytest.raises(ValueError, match="another"):
+    trainer.init(jax.random.key(0), control=covrl.KLCov(kl_cov_ratio=0.05))
   with pytest.raises(ValueError, match="chunk_steps"):
     run_training(CFG, jax.random.key(0), chunk_steps=7, progress=False)
   mesh = jax.make_mesh((8,), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -301,6 +319,34 @@ def test_bad_runs_fail_before_compilation(trainer, tmp_path):
   with pytest.raises(ValueError, match="split evenly"):
     grpo.Trainer(dataclasses.replace(CFG, prompts_per_step=1, group_size=4, num_minibatches=1),
                  mesh)
+
+
+def test_a_control_family_shares_one_compiled_program(trainer, warm):
+  """A control's numbers are traced leaves: constant and annealed coefficients, and any strength
+  or ratio, have one pytree structure (one compiled program); options make another."""
+  methods = lab.lab_methods(CFG.num_steps)
+  assert [m.label for m in methods] == ["none", "entropy", "entropy_annealed", "clip_higher",
+                                        "clip_cov", "kl_cov", "kl_cov_annealed"]
+  assert len({jax.tree.structure(normalize_control(m, CFG.ratio_bound)) for m in methods}) == 5
+  bonus = get_trainer(dataclasses.replace(CFG, control=methods[1]))
+  assert bonus.in_family(methods[2]) and bonus.in_family(covrl.EntropyBonus(0.5))
+  assert not bonus.in_family(covrl.NoControl())
+  kl = get_trainer(dataclasses.replace(CFG, control=methods[5]))
+  assert kl.in_family(methods[6]) and kl.in_family(covrl.KLCov(kl_cov_ratio=0.01,
+                                                                ppo_kl_coef=0.3))
+  assert not kl.in_family(covrl.KLCov(kl_cov_ratio=0.01, selection="local"))
+  # Traced strengths: the loss vmapped over two bonus coefficients is the loss of each.
+  _, _, batch, _ = trainer.batch(warm, jax.random.key(3))
+  form = normalize_control(methods[1], CFG.ratio_bound)
+  coefs = jnp.asarray([0.0, 0.3], jnp.float32)
+  loss = jax.jit(lambda c: policy_loss(CFG, trainer.model, warm, batch, jax.random.key(4), c,
+                                       0)[0])
+  strength = lambda c: form.with_strength(schedules.PowerDecay(c, form.entropy_coeff.power,
+                                                               form.entropy_coeff.offset))
+  both = jax.vmap(lambda c: loss(strength(c)))(coefs)
+  for i in range(2):
+    np.testing.assert_allclose(both[i], loss(strength(coefs[i])), rtol=1e-6)
+  assert float(both[0]) != float(both[1])
 
 
 def test_benchmark_hook_contract():

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from covrl._compat import enable_x64
 from covrl.transformer import ModelConfig, TransformerPolicy, init_params, num_params
 from covrl.transformer.model import init_cache
 
@@ -62,7 +63,7 @@ def test_kv_cache_matches_full_forward(model_and_params, forward):
 
 def test_float64_parameters_compute_in_float64(model_and_params):
   model, params = model_and_params
-  with jax.enable_x64(True):
+  with enable_x64(True):
     p64 = jax.tree.map(lambda x: x.astype(jnp.float64), params)
     out = jax.jit(model.apply)({"params": p64}, jnp.zeros((1, 9), jnp.int32))
     assert out.dtype == jnp.float64

@@ -9,6 +9,7 @@ per-micro-batch one) is detected as different. Needs the benchmark extras (torch
 
 import dataclasses
 
+import numpy as np
 import pytest
 
 from benchmarks import contestants, inputs, parity
@@ -54,6 +55,27 @@ def test_control_cases_differ(cases):
   assert all(c.ok for c in controls), "\n".join(c.describe() for c in controls)
 
 
+def test_parity_exactly_at_the_clip_bounds_and_the_clamp():
+  # Ratios exactly at 1 - eps, 1 + eps and c, log-ratios exactly +-20: the gradient entries
+  # match verl's to 8 ulps of each entry (jnp.clip's derivative 1/2 at a bound gave 3/4 and
+  # 1/2 of verl's), and so do the loss and verl's ppo_kl for each loss (mean |log r| for KL-Cov).
+  results = parity.bound_cases()
+  assert len(results) == 9
+  bad = [f"{what}: {err:.3g} > {tol:.3g}" for what, err, tol in results if not err <= tol]
+  assert not bad, "\n".join(bad)
+
+
+def test_bound_inputs_sit_exactly_on_the_bounds():
+  import torch
+
+  s = contestants.Settings()
+  old, lp, _, _ = parity.bound_inputs(s)
+  r_torch = torch.exp(torch.from_numpy(lp - old)).numpy()[0]
+  for v in (np.float32(1 - s.clip_ratio), np.float32(1 + s.clip_ratio), np.float32(3.0)):
+    assert (r_torch == v).sum() == 2
+  assert ((lp - old)[0] == 20.0).sum() == 2 and ((lp - old)[0] == -20.0).sum() == 2
+
+
 def test_check_raises_on_disagreement(monkeypatch):
   # covrl given another KL coefficient than verl: the comparison must catch it, and check()
   # must raise with the case in its message.
@@ -63,5 +85,6 @@ def test_check_raises_on_disagreement(monkeypatch):
                          covrl_settings=dataclasses.replace(s, kl_coef=2 * s.kl_coef))
   assert not case.ok
   monkeypatch.setattr(parity, "cases", lambda **kw: [case])
+  monkeypatch.setattr(parity, "bound_cases", lambda: [])
   with pytest.raises(parity.ParityError, match="kl_cov"):
     parity.check()

@@ -58,7 +58,7 @@ import optax
 import covrl
 from covrl import controllers as ctl
 from covrl import entropy_prediction as ep
-from covrl.transformer import control as methods
+from covrl import schedules
 from covrl.transformer import grpo, sampling
 from covrl.transformer.config import GRPOConfig
 from covrl.transformer.loss import Batch
@@ -108,8 +108,8 @@ class ControlledTrainer:
   """A GRPO Trainer whose entropy-bonus coefficient a controller sets before every update.
 
   Args:
-    config: the GRPO run; its control must be "none" or "entropy" (the bonus, whose coefficient
-      the controller sets).
+    config: the GRPO run; its control must be `covrl.NoControl` or `covrl.EntropyBonus` (the
+      bonus, whose coefficient the controller sets; NoControl's PPO settings are kept).
     controller: a `covrl.controllers` controller with vocab_size = config.model.vocab_size, or
       a controller family: a function lane -> Controller of a [lane_size] array of gains (for
       example `controllers.switch` over several controllers with traced gains), so that one
@@ -141,12 +141,16 @@ class ControlledTrainer:
     else:
       raise TypeError(f"controller must be a covrl.controllers.Controller or a function "
                       f"lane -> Controller, got {type(controller).__name__}.")
-    if config.control.method not in ("none", "entropy"):
+    control = config.control
+    if not isinstance(control, covrl.NoControl | covrl.EntropyBonus):
       raise ValueError(f"the controlled GRPO loop sets the entropy-bonus coefficient: the "
-                       f"config's control must be 'none' or 'entropy', got "
-                       f"{config.control.method!r}.")
-    if config.control.method == "none":
-      config = dataclasses.replace(config, control=methods.entropy_bonus(0.0))
+                       f"config's control must be covrl.NoControl or covrl.EntropyBonus "
+                       f"('none' or 'entropy'), got {type(control).__name__} "
+                       f"({control.name!r}).")
+    if isinstance(control, covrl.NoControl):
+      config = dataclasses.replace(config, control=covrl.EntropyBonus(
+          0.0, clip_ratio=control.clip_ratio, clip_ratio_low=control.clip_ratio_low,
+          clip_ratio_high=control.clip_ratio_high, clip_ratio_c=control.clip_ratio_c))
     if info.vocab_size is not None and info.vocab_size != config.model.vocab_size:
       raise ValueError(f"the controller was built for vocab_size={info.vocab_size}; the "
                        f"model's vocabulary has {config.model.vocab_size} entries.")
@@ -174,7 +178,7 @@ class ControlledTrainer:
         raise ValueError(f"lane must have shape ({self.lane_size},), got {lane.shape}.")
     else:
       lane = jnp.zeros((0,), jnp.float32)
-    control = methods.entropy_bonus(float(self.info.coef_range[0]))
+    control = self.config.control.with_strength(float(self.info.coef_range[0]))
     # Built under jit: a family's gains are traced, so its other members' checks do not apply.
     return ControlledState(self.trainer.init(key, params, control=control),
                            self._init_controller(lane), lane)
@@ -230,15 +234,15 @@ class ControlledTrainer:
     state = cs.train
     key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.step)
     k_rollout, k_update = jax.random.split(key)
-    rollout, rewards, batch, old_logits = trainer._batch(state.params, k_rollout)
+    rollout, rewards, batch, old_logits = trainer.batch(state.params, k_rollout)
     mask = rollout.response_mask
     h = ep.pooled_entropy(old_logits, mask)
     controller = self._build(cs.lane)
     if self.info.needs_prediction:
       if self.prediction_rows == "minibatch":
-        # The rows of the first update's mini-batch (as grpo.Trainer._update draws them).
-        rows = jax.random.permutation(jax.random.fold_in(k_update, 0), cfg.batch_size)
-        mb = trainer._shard(jax.tree.map(lambda x: x[rows[:cfg.minibatch_size]], batch))
+        # The rows of the first update's mini-batch.
+        rows = trainer.minibatch_rows(k_update, 0)[0]
+        mb = trainer.shard(jax.tree.map(lambda x: x[rows], batch))
       else:
         mb = batch
       if self.predicts is None:
@@ -251,10 +255,11 @@ class ControlledTrainer:
     else:
       predict = None
     coef, cstate = controller.update(cs.controller, h, predict)
-    control = state.control._replace(coef=coef.astype(state.control.coef.dtype),
-                                     coef_power=jnp.zeros_like(state.control.coef_power))
-    state = state._replace(control=control)
-    params, opt_state, metrics, _ = trainer._update(state, batch, k_update)
+    # c_t as a constant schedule (power 0) of the state's form: the same compiled update.
+    sched = state.control.entropy_coeff
+    control = state.control.with_strength(schedules.PowerDecay(
+        coef.astype(sched.init_value.dtype), jnp.zeros_like(sched.power), sched.offset))
+    params, opt_state, metrics, _ = trainer.update(state, batch, k_update, control)
     metrics = jax.tree.map(lambda m: jnp.mean(m.astype(old_logits.dtype)), metrics)
     new_logits = sampling.response_logits(trainer.model, params, rollout.prompts,
                                           rollout.responses, cfg.temperature)
@@ -271,7 +276,7 @@ class ControlledTrainer:
         controller_saturated=cstate.saturated.astype(old_logits.dtype),
         controller_nonfinite=cstate.nonfinite.astype(old_logits.dtype),
     )
-    train = grpo.TrainState(trainer._replicate(params), opt_state, control, state.key,
+    train = grpo.TrainState(trainer.replicate(params), opt_state, control, state.key,
                             state.step + 1)
     return ControlledState(train, cstate, cs.lane), metrics
 

@@ -1,6 +1,6 @@
 """The transformer lab's standard setting, and a comparison of control methods over seeds.
 
-`lab_config(size)` is the setting the claims, the notebook and the benchmarks share:
+`lab_config(size)` is the setting the claims, the notebook and the benchmarks share::
 
   test   a 1-layer, width-32 model on Sort(6, 3), 60 steps at Adam 2e-3 (unit tests, seconds);
   fast   a 2-layer, width-64 model on Sort(8, 4), 16 prompts x 8 responses, 4 mini-batches,
@@ -9,14 +9,32 @@
   gpu    a 4-layer, width-256 model on Sort(16, 8) with 64 prompts x 16 responses and KV-cache
          sampling, 600 steps (for an accelerator).
 
-`lab_methods(size)` lists the controls compared, with the paper's hyperparameters where it gives
-them (Cui et al. 2025): Clip-Cov r = 2e-4, band (1, 5); KL-Cov k = 2e-3, beta = 1; an entropy
-bonus of 1e-2 (the paper's "explodes" setting) constant and annealed; clip-higher 0.2 / 0.28;
-KL-Cov with beta annealed. The batches here are small, so the paper's fractions select the
-minimum of one token per mini-batch (verl's count max(floor(ratio N), 1)).
+The "fork-" sizes are the regime of Cui et al.'s covariance mechanism (THEORY.md T5.1): ForkCopy
+(32 symbols to copy; at one fork position the answer is the copy on COPY prompts and the shifted
+symbol on the quarter of SHIFT prompts), after a warm start whose demonstrator takes the trap
+(copies) at the fork with probability 0.7 whatever the mode. Almost every response token is a
+near-deterministic copy, the fork decides the reward, greedy decoding is wrong on the SHIFT
+prompts while sampling still solves them, and a collapse onto the copy caps the reward near 0.75;
+mini-batches hold thousands of response tokens::
+
+  fork-test  a 1-layer, width-16 model, 8 prompts x 4 responses, 8 steps (unit tests, seconds);
+  fork-fast  a 1-layer, width-32 model, 16 prompts x 8 responses (2 mini-batches of 2048 tokens),
+             80 steps after a 300-step warm start (CI);
+  fork-full  the same with 32 prompts x 8 responses (2 mini-batches of 4096 tokens), 120 steps
+             after a 400-step warm start (the report);
+  fork-gpu   a 2-layer, width-128 model on 64-token responses, 128 prompts x 16 responses (8
+             mini-batches of 16384 tokens), 400 steps (for an accelerator; not yet run).
+
+`lab_methods(num_steps)` lists the controls compared (covrl control values), with the paper's
+hyperparameters where it gives them (Cui et al. 2025): Clip-Cov r = 2e-4, band (1, 5); KL-Cov
+k = 2e-3, beta = 1; an entropy bonus of 1e-2 (the paper's "explodes" setting) constant and
+annealed; clip-higher 0.2 / 0.28; KL-Cov with beta annealed. The batches here are small, so the
+paper's fractions select the minimum of one token per mini-batch (verl's count
+max(floor(ratio N), 1)).
 
 `compare(config, methods, seeds, key)` runs every method from the same warm start per seed (the
-warm start varies with the seed), with one compiled program for all of them.
+warm start varies with the seed), with one compiled program per control family (a constant and
+an annealed coefficient of the same method share one).
 """
 
 from __future__ import annotations
@@ -28,15 +46,16 @@ from typing import Any
 import jax
 import numpy as np
 
+import covrl
 from covrl import schedules
-from covrl.transformer import control as ctl
 from covrl.transformer import tasks
 from covrl.transformer.config import GRPOConfig
 from covrl.transformer.grpo import Trainer, get_trainer
 from covrl.transformer.model import ModelConfig
 from covrl.transformer.sft import SFTConfig
 
-LAB_SIZES: tuple[str, ...] = ("test", "fast", "full", "gpu")
+LAB_SIZES: tuple[str, ...] = ("test", "fast", "full", "gpu", "fork-test", "fork-fast", "fork-full",
+                              "fork-gpu")
 # Two-sided 95% Student t quantiles by degrees of freedom (NumPy has no t distribution).
 _T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262, 10: 2.228, 15: 2.131, 20: 2.086, 30: 2.042}
@@ -51,8 +70,10 @@ def _check_size(size: str) -> None:
 
 
 def lab_config(size: str = "fast") -> GRPOConfig:
-  """The lab's GRPO setting at a size ("test", "fast", "full" or "gpu")."""
+  """The lab's GRPO setting at a size ("test", "fast", "full", "gpu", or a "fork-" size)."""
   _check_size(size)
+  if size.startswith("fork-"):
+    return _fork_config(size)
   if size == "test":
     task = tasks.Sort(num_symbols=6, length=3)
     model = ModelConfig(task.vocab_size, task.context_length, num_layers=1, d_model=32,
@@ -75,23 +96,55 @@ def lab_config(size: str = "fast") -> GRPOConfig:
                     sft=SFTConfig(num_steps=200, batch_size=64))
 
 
+def _fork_config(size: str) -> GRPOConfig:
+  """The covariance-mechanism regime (module docstring) at a "fork-" size."""
+  if size == "fork-gpu":
+    task = tasks.ForkCopy(num_symbols=16, length=64, num_forks=1, shift_prob=0.25,
+                          trap_prob=0.7)
+    model = ModelConfig(task.vocab_size, task.context_length, num_layers=2, d_model=128,
+                        num_heads=4)
+    return GRPOConfig(task, model, num_steps=400, prompts_per_step=128, group_size=16,
+                      num_minibatches=8, learning_rate=3e-4, token_ratio_bound=0.05,
+                      kv_cache=True, diagnostics=True,
+                      sft=SFTConfig(num_steps=2000, batch_size=256, noise=0.01))
+  task = tasks.ForkCopy(num_symbols=8, length=32, num_forks=1, shift_prob=0.25, trap_prob=0.7)
+  width = 16 if size == "fork-test" else 32
+  model = ModelConfig(task.vocab_size, task.context_length, num_layers=1, d_model=width,
+                      num_heads=2)
+  if size == "fork-test":
+    return GRPOConfig(task, model, num_steps=8, prompts_per_step=8, group_size=4,
+                      num_minibatches=2, learning_rate=1e-3, token_ratio_bound=0.05,
+                      kv_cache=True, diagnostics=True,
+                      sft=SFTConfig(num_steps=40, batch_size=32, noise=0.01))
+  prompts, steps, sft_steps = (16, 80, 300) if size == "fork-fast" else (32, 120, 400)
+  return GRPOConfig(task, model, num_steps=steps, prompts_per_step=prompts, group_size=8,
+                    num_minibatches=2, learning_rate=1e-3, token_ratio_bound=0.05,
+                    kv_cache=True, diagnostics=True,
+                    sft=SFTConfig(num_steps=sft_steps, batch_size=128, noise=0.01))
+
+
 def lab_num_seeds(size: str) -> int:
   """Seeds per method in the comparison."""
   _check_size(size)
-  return {"test": 3, "fast": 2, "full": 4, "gpu": 4}[size]
+  return {"test": 3, "fast": 2, "full": 4, "gpu": 4, "fork-test": 2, "fork-fast": 2,
+          "fork-full": 2, "fork-gpu": 4}[size]
 
 
-def lab_methods(num_steps: int) -> tuple[ctl.Control, ...]:
-  """The controls compared; annealed coefficients decay as 1 / (1 + t / (num_steps / 10))."""
+def lab_methods(num_steps: int) -> tuple[covrl.Control, ...]:
+  """The controls compared; annealed coefficients decay as 1 / (1 + t / (num_steps / 10)).
+
+  Their labels (`Control.label`): none, entropy, entropy_annealed, clip_higher, clip_cov,
+  kl_cov, kl_cov_annealed.
+  """
   offset = max(1.0, num_steps / 10)
   return (
-      ctl.no_control(),
-      ctl.entropy_bonus(1e-2),
-      ctl.entropy_bonus(schedules.inverse_time(1e-2, offset)),
-      ctl.clip_higher(0.2, 0.28),
-      ctl.clip_cov(2e-4, 1.0, 5.0),
-      ctl.kl_cov(2e-3, 1.0),
-      ctl.kl_cov(2e-3, schedules.inverse_time(1.0, offset)),
+      covrl.NoControl(),
+      covrl.EntropyBonus(1e-2),
+      covrl.EntropyBonus(schedules.inverse_time(1e-2, offset)),
+      covrl.ClipHigher(clip_ratio_low=0.2, clip_ratio_high=0.28),
+      covrl.ClipCov(clip_cov_ratio=2e-4, clip_cov_lb=1.0, clip_cov_ub=5.0),
+      covrl.KLCov(kl_cov_ratio=2e-3, ppo_kl_coef=1.0),
+      covrl.KLCov(kl_cov_ratio=2e-3, ppo_kl_coef=schedules.inverse_time(1.0, offset)),
   )
 
 
@@ -103,8 +156,8 @@ class Comparison:
     labels: one label per method (Control.label).
     metrics: label -> metric name -> [seeds, steps] array.
     seconds: label -> [seeds] wall time of each run, compilation excluded.
-    compile_seconds: first run's time minus a rerun's: compiling the program, once for all
-      methods (0 when an equal config had compiled it before).
+    compile_seconds: the first runs' times minus reruns': compiling the programs, one per
+      control family (0 for a family whose Trainer had compiled it before).
     warm_start_seconds: time of the supervised warm starts (all seeds).
     config: the run's config.
   """
@@ -168,7 +221,7 @@ def ci95(values: np.ndarray) -> float:
 
 def compare(
     config: GRPOConfig,
-    methods: tuple[ctl.Control, ...],
+    methods: tuple[covrl.Control, ...],
     num_seeds: int,
     key: jax.Array,
     *,
@@ -177,9 +230,13 @@ def compare(
 ) -> Comparison:
   """Run every method for `num_seeds` seeds; one warm start per seed, shared by the methods.
 
+  The methods run in one compiled program per control family (`Trainer.check_control`): each
+  family's Trainer is `trainer` when the family is its config's, else `get_trainer(config with
+  the family's first method)`.
+
   Args:
     config: the run; its `token_ratio_bound` must cover every method's ratio.
-    methods: the controls to compare.
+    methods: the controls to compare (covrl control values with distinct labels).
     num_seeds: seeds per method.
     key: PRNG key; seed s uses fold_in(key, s) for its warm start and its RL randomness.
     trainer: reuse a Trainer built for `config`.
@@ -189,8 +246,17 @@ def compare(
     Comparison.
   """
   trainer = get_trainer(config) if trainer is None else trainer
+  if trainer.config != config:
+    raise ValueError("trainer was built for a different config.")
+  trainers: list[Trainer] = [trainer]
+  chosen = []
   for m in methods:
-    trainer.check_control(m)
+    found = next((t for t in trainers if t.in_family(m)), None)
+    if found is None:
+      found = get_trainer(dataclasses.replace(config, control=m))
+      trainers.append(found)
+    found.check_control(m)  # raises with the reason
+    chosen.append(found)
   labels = [m.label for m in methods]
   if len(set(labels)) != len(labels):
     raise ValueError(f"methods need distinct labels, got {labels}.")
@@ -201,27 +267,34 @@ def compare(
 
   metrics: dict[str, dict[str, list]] = {label: {} for label in labels}
   seconds: dict[str, list] = {label: [] for label in labels}
-  for m, label in zip(methods, labels):
+  for m, label, runner in zip(methods, labels, chosen):
     for s, (k, params) in enumerate(zip(seed_keys, warm)):
-      state = trainer.init(k, params, control=m)
+      state = runner.init(k, params, control=m)
       start = time.perf_counter()
-      _, out = jax.block_until_ready(trainer.run(state, config.num_steps))
+      _, out = jax.block_until_ready(runner.run(state, config.num_steps))
       seconds[label].append(time.perf_counter() - start)
       for name, values in out.items():
         metrics[label].setdefault(name, []).append(np.asarray(values))
       if progress:
         print(f"{label} seed {s}: reward {float(out['reward'][-1]):.3f} entropy "
               f"{float(out['entropy'][-1]):.3f} ({seconds[label][-1]:.1f}s)", flush=True)
-  # The first run compiled the program (unless an equal config already had): time it again.
-  first = seconds[labels[0]][0]
-  start = time.perf_counter()
-  jax.block_until_ready(trainer.run(trainer.init(seed_keys[0], warm[0], control=methods[0]),
-                                    config.num_steps))
-  seconds[labels[0]][0] = time.perf_counter() - start
-  compile_seconds = max(0.0, first - seconds[labels[0]][0])
+  # The first run of each family compiled its program (unless it had been before): time it
+  # again.
+  compile_seconds = 0.0
+  for t in trainers:
+    i = next((i for i, c in enumerate(chosen) if c is t), None)
+    if i is None:
+      continue
+    first = seconds[labels[i]][0]
+    start = time.perf_counter()
+    jax.block_until_ready(t.run(t.init(seed_keys[0], warm[0], control=methods[i]),
+                                config.num_steps))
+    seconds[labels[i]][0] = time.perf_counter() - start
+    compile_seconds += max(0.0, first - seconds[labels[i]][0])
   return Comparison(
       labels,
       {label: {k: np.stack(v) for k, v in per.items()} for label, per in metrics.items()},
       {label: np.asarray(v) for label, v in seconds.items()},
       compile_seconds, warm_seconds, config,
   )
+

@@ -174,7 +174,7 @@ class TransformerPolicy(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, cache: tuple[LayerCache, ...] | None = None,
-               position: int | jax.Array = 0):
+               position: int | jax.Array = 0, *, hidden_only: bool = False):
     """Logits for `tokens`, which start at absolute `position`.
 
     Args:
@@ -182,9 +182,13 @@ class TransformerPolicy(nn.Module):
       cache: None for a whole-sequence forward pass, or the per-layer key/value cache to read
         and update (then the new cache is returned as well).
       position: absolute position of tokens[:, 0] (a traced scalar is fine).
+      hidden_only: return the final hidden states [B, L, D] (the output of ln_final) in place
+        of the logits; the logits are then `hidden @ head.kernel + head.bias`
+        (params["head"]), which `covrl.token_log_probs_and_entropy` applies in chunks.
 
     Returns:
-      [B, L, V] logits, or (logits, new cache) when a cache is passed.
+      [B, L, V] logits (or [B, L, D] hidden states), or (that, new cache) when a cache is
+      passed.
     """
     cfg = self.config
     pdtype = jnp.dtype(cfg.param_dtype)
@@ -211,6 +215,8 @@ class TransformerPolicy(nn.Module):
       )
       new_cache.append(layer_cache)
     x = nn.LayerNorm(name="ln_final", param_dtype=pdtype)(x)
+    if hidden_only:
+      return x if cache is None else (x, tuple(new_cache))
     logits = nn.Dense(cfg.vocab_size, name="head", param_dtype=pdtype,
                       kernel_init=nn.initializers.normal(cfg.init_scale))(x)
     if cache is None:

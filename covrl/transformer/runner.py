@@ -31,15 +31,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import covrl
 from covrl.progress import Progress
 from covrl.transformer.config import GRPOConfig
-from covrl.transformer.control import Control
 from covrl.transformer.grpo import Trainer, TrainState, get_trainer
 
 _PREFIX = "step_"
 
 
-def _fingerprint(config: GRPOConfig, control: Control, key: jax.Array, warm: bool) -> str:
+def _fingerprint(config: GRPOConfig, control: covrl.Control, key: jax.Array, warm: bool) -> str:
   key_data = np.asarray(jax.random.key_data(key)).tolist()
   return json.dumps({"config": repr(config), "control": repr(control), "key": key_data,
                      "given_params": not warm}, sort_keys=True)
@@ -128,7 +128,7 @@ def run_training(
     key: jax.Array,
     *,
     params: Any = None,
-    control: Control | None = None,
+    control: covrl.Control | None = None,
     chunk_steps: int | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 1,
@@ -143,7 +143,8 @@ def run_training(
     config: the run (config.num_steps steps).
     key: PRNG key of the run.
     params: start from these parameters instead of a fresh model and its warm start.
-    control: run this control method instead of config.control.
+    control: run this control value instead of config.control (of the same family: see
+      `Trainer.check_control`).
     chunk_steps: steps per compiled call; must divide num_steps (default: about a tenth).
     checkpoint_dir: where to write and look for checkpoints (None: no checkpoints).
     checkpoint_every: write a checkpoint every this many chunks (and at the end).

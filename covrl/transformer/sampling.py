@@ -218,6 +218,19 @@ def response_logits(
   return logits / temperature
 
 
+def response_hidden(model: TransformerPolicy, params: Any, prompts: jax.Array,
+                    responses: jax.Array) -> jax.Array:
+  """Final hidden states [B, R, D] that predicted each response token (the input of the head).
+
+  `response_logits` is the head applied to these, divided by the temperature.
+  """
+  prompt_length = prompts.shape[1]
+  tokens = jnp.concatenate([prompts, responses[:, :-1]], axis=1)
+  hidden = model.apply({"params": params}, tokens, hidden_only=True)[:, prompt_length - 1:]
+  assert hidden.shape[1] == responses.shape[1]
+  return hidden
+
+
 def token_log_probs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
   """log softmax(logits)[token] for [B, R, V] logits and [B, R] tokens."""
   return jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], axis=-1)[..., 0]

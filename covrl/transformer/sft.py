@@ -55,18 +55,14 @@ class SFTConfig:
 
 
 def demonstrations(task: Task, key: jax.Array, n: int, noise: float) -> tuple[jax.Array, jax.Array]:
-  """n prompts with noisy demonstrated answers.
+  """n prompts with noisy demonstrated answers: the task's own demonstrator (`Task.demonstrate`).
 
   Returns:
-    (prompts [n, P], responses [n, R]): each answer token is replaced, with probability `noise`,
-    by a token uniform over the task's vocabulary.
+    (prompts [n, P], responses [n, R]): by default each answer token is replaced, with
+    probability `noise`, by a token uniform over the task's vocabulary; a task may demonstrate
+    differently (ForkCopy takes its trap at the forks).
   """
-  k_prompt, k_flip, k_token = jax.random.split(key, 3)
-  prompts = task.prompts(k_prompt, n)
-  answers = task.answers(prompts)
-  flip = jax.random.bernoulli(k_flip, noise, answers.shape)
-  random_tokens = jax.random.randint(k_token, answers.shape, 0, task.vocab_size, jnp.int32)
-  return prompts, jnp.where(flip, random_tokens, answers)
+  return task.demonstrate(key, n, noise)
 
 
 def make_sft(model: TransformerPolicy, task: Task, config: SFTConfig):

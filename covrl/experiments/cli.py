@@ -1,0 +1,109 @@
+"""The `covrl` command: `covrl reproduce` runs every claim of THEORY.md and writes a report::
+
+  covrl reproduce [--fast | --size {test,fast,full}] [--out DIR] [--only IDS] [--group G]
+                  [--seed N]
+  covrl list [--group G]
+
+`reproduce` runs every registered claim (every module in
+covrl.experiments.claims.CLAIM_MODULES, so new groups join by registering), shows progress,
+prints a table (claim, measured, predicted or bound, status, seconds), writes DIR/report.md with
+figures and DIR/results.json, and exits with 1 if a theorem is not confirmed or a check raised
+(2 for bad arguments). Empirical findings (THEORY.md T4) are reported as reproduced or not
+reproduced; either is a result, not a failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+
+from covrl.experiments.claims import registry
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="covrl", description="Entropy control for RL post-training, with its theory checked.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  rep = sub.add_parser("reproduce", help="run the claims of THEORY.md and write a report")
+  sizes = rep.add_mutually_exclusive_group()
+  sizes.add_argument("--fast", action="store_const", const="fast", dest="size",
+                     help="the CI size (minutes on a laptop CPU)")
+  sizes.add_argument("--size", choices=registry.SIZES, dest="size",
+                     help="test (seconds per claim), fast, or full (the default)")
+  rep.add_argument("--out", default="covrl-report", help="report folder (default: %(default)s)")
+  rep.add_argument("--only", default="",
+                   help="comma-separated claim ids or prefixes, e.g. T2.3,T3 (default: all)")
+  rep.add_argument("--group", action="append", default=None,
+                   help="only claims of this group (repeatable), e.g. tabular")
+  rep.add_argument("--seed", type=int, default=0, help="PRNG seed of every check")
+  lst = sub.add_parser("list", help="list the registered claims")
+  lst.add_argument("--group", action="append", default=None)
+  return parser
+
+
+def _select(claims: list[registry.Claim], only: str) -> list[registry.Claim]:
+  wanted = [w.strip() for w in only.split(",") if w.strip()]
+  if not wanted:
+    return claims
+  chosen = [c for c in claims if any(c.claim_id == w or c.claim_id.startswith(w + ".")
+                                     for w in wanted)]
+  unknown = [w for w in wanted if not any(c.claim_id == w or c.claim_id.startswith(w + ".")
+                                          for c in claims)]
+  if unknown:
+    known = ", ".join(c.claim_id for c in claims)
+    raise SystemExit(f"covrl: unknown claim(s) {', '.join(unknown)}; known: {known}")
+  return chosen
+
+
+def _run_one(claim: registry.Claim, size: str, seed: int) -> registry.ClaimResult:
+  start = time.perf_counter()
+  try:
+    return claim.run(size, seed)
+  except Exception as e:  # a crashing check is a failed claim, reported with its error
+    note = f"the check raised {type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
+    measurement = registry.Measurement(False, {"error": f"{type(e).__name__}: {e}"}, {},
+                                       f"check raised {type(e).__name__}: {e}", notes=note)
+    return registry.ClaimResult(claim.claim_id, claim.title, size,
+                                time.perf_counter() - start, measurement, claim.kind,
+                                error=f"{type(e).__name__}: {e}")
+
+
+def reproduce(size: str, out: str, only: str = "", groups: Sequence[str] | None = None,
+              seed: int = 0) -> int:
+  """Run the claims, print the table, write the report; returns the exit status."""
+  from covrl.experiments import report
+
+  chosen = _select(registry.claims(groups), only)
+  if not chosen:
+    print("covrl: no claims selected.", file=sys.stderr)
+    return 2
+  print(f"covrl reproduce: {len(chosen)} claims at size '{size}', seed {seed}", flush=True)
+  results, start = [], time.perf_counter()
+  for i, claim in enumerate(chosen, 1):
+    print(f"[{i}/{len(chosen)}] {claim.claim_id} {claim.title} ...", flush=True)
+    result = _run_one(claim, size, seed)
+    results.append(result)
+    print(f"    {result.status} in {result.seconds:.1f}s: {result.measurement.summary}",
+          flush=True)
+  print()
+  print(report.table(results))
+  doc = report.write(results, {c.claim_id: c for c in chosen}, out, size=size, seed=seed)
+  print(f"\n{doc['headline']} ({time.perf_counter() - start:.1f}s); report: {out}/report.md, "
+        f"{out}/results.json")
+  return 0 if doc["passed"] else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  args = _parser().parse_args(argv)
+  if args.command == "list":
+    for claim in registry.claims(args.group):
+      print(f"{claim.claim_id:6s} [{claim.group}] {claim.title}")
+    return 0
+  return reproduce(args.size or "full", args.out, args.only, args.group, args.seed)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
