@@ -20,6 +20,6 @@ tunix_install() {
 tunix_tests() {
   local venv=.venv-tunix
   stamp "tunix: covrl's losses in tunix's GRPO (tests/test_tunix.py) and notebook 06"
-  "$venv/bin/python" -m pytest -q tests/test_tunix.py
+  "$venv/bin/python" -m pytest -q -m 'not notebook' tests/test_tunix.py  # its slow tests too
   "$venv/bin/python" -m pytest -q -m notebook tests/test_notebooks.py -k 06_tunix_kl_cov
 }
