@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _numeric import central_difference
 from absl.testing import parameterized
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -173,13 +174,7 @@ def test_entropy_bonus_schedule_needs_step():
 
 
 # ---------------------------------------------------------------- gradients
-def fd(f, x, h=1e-6):
-  g = np.zeros_like(x)
-  for i in np.ndindex(x.shape):
-    e = np.zeros_like(x)
-    e[i] = h
-    g[i] = (f(x + e) - f(x - e)) / (2 * h)
-  return g
+fd = central_difference
 
 
 @pytest.mark.float64

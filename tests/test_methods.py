@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _numeric import central_difference
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -235,13 +236,7 @@ def test_jit_equals_no_jit_and_bfloat16_inputs_compute_in_float32(name):
   assert loss16.dtype == jnp.float32
 
 
-def fd(f, x, h=1e-6):
-  g = np.zeros_like(x)
-  for i in np.ndindex(x.shape):
-    e = np.zeros_like(x)
-    e[i] = h
-    g[i] = (f(x + e) - f(x - e)) / (2 * h)
-  return g
+fd = central_difference
 
 
 @pytest.mark.parametrize("name", ["forking", "entropy_advantage", "w_reinforce", "steer"])
