@@ -21,7 +21,6 @@ from covrl.losses import (
     clip_cov_loss,
     entropy_bonus_loss,
     kl_cov_loss,
-    loss_metrics,
     policy_gradient_loss,
     policy_loss,
     ppo_loss,
@@ -44,6 +43,7 @@ from covrl.methods import (
     high_entropy_select,
     method,
 )
+from covrl.metrics import loss_metrics
 from covrl.selection import Selection, clip_cov_select, kl_cov_select, selection_count
 from covrl.softmax_entropy import (
     ScoreTerms,

@@ -32,6 +32,12 @@ training loops can switch methods freely)::
 The verl-named functions `policy_gradient_loss`, `ppo_loss`, `clip_cov_loss` and `kl_cov_loss`
 are thin wrappers with verl's keywords; `entropy_bonus_loss` is the bonus stage itself.
 
+A weighted population (`weights=`, one share per row: every response of an enumerated tree with
+its probability, say) gives the expected loss over that population: the limit of a sampled batch
+in which each row occurs in proportion to its weight. Means, counts, aggregation and metrics are
+weighted, and the selections are those of such a batch (`covrl.selection`: KL-Cov's top share
+of the weight, Clip-Cov's expected draw, forking tokens' population quantile; no `min_count`).
+
 Bad input: shapes, dtypes and hyperparameters are checked before tracing. A NaN or inf at a valid
 position raises when the inputs are concrete; under jit such tokens are left out of the loss, the
 statistics and the selection, and counted in `nonfinite_tokens`. An all-masked batch gives loss 0
@@ -50,13 +56,13 @@ from jax import lax
 from covrl import _checks
 from covrl import aggregation as agg
 from covrl import methods as mt
+from covrl import metrics as mx
 from covrl import schedules as sch
 from covrl import selection as sel
 from covrl import softmax_entropy as ent
 from covrl import tokens as tk
 from covrl.covariance import centred_product, masked_mean
-
-Metrics = dict[str, jax.Array]
+from covrl.metrics import Metrics
 
 
 def select_tokens(control: mt.Control, tokens: tk.PolicyTokens, surrogate: tk.Surrogate, *,
@@ -67,16 +73,26 @@ def select_tokens(control: mt.Control, tokens: tk.PolicyTokens, surrogate: tk.Su
   Global scope (the default) ranks the whole batch (global over devices with `axis_name`);
   verl's local scope (`selection="local"` on the control) computes c_i and the selection per
   group of `micro_batch_size` rows of this device's shard; `selected` is a precomputed [B, T]
-  mask (gradient accumulation: select once on the whole batch, pass each micro-batch its rows).
+  mask (gradient accumulation: select once on the whole batch, pass each micro-batch its rows);
+  for a weighted population it may hold float shares.
   """
   if selected is not None:
     _checks.check_same_shape(("selected", "log_prob"), (selected, tokens.log_prob))
-    chosen = jnp.asarray(selected, bool) & tokens.valid
-    return (tk.covariance(tokens, axis_name),
-            sel.Selection(chosen, jnp.sum(chosen, dtype=jnp.int32)))
+    selected = jnp.asarray(selected)
+    if tokens.weight is not None and jnp.issubdtype(selected.dtype, jnp.floating):
+      shares = jnp.where(tokens.valid, selected.astype(tokens.log_prob.dtype), 0.0)
+      return tk.covariance(tokens, axis_name), sel.Selection(
+          shares, jnp.sum(shares * tk.token_weight(tokens)))
+    chosen = selected.astype(bool) & tokens.valid
+    count = (jnp.sum(chosen, dtype=jnp.int32) if tokens.weight is None
+             else tk.count_of(tokens, chosen))
+    return tk.covariance(tokens, axis_name), sel.Selection(chosen, count)
   if getattr(control, "selection", "global") == "global":
     cov = tk.covariance(tokens, axis_name)
     return cov, control.select(tokens, cov, surrogate, key=key, step=step, axis_name=axis_name)
+  if tokens.weight is not None:
+    raise ValueError("a weighted population is selected over the whole batch: use "
+                     "selection='global' with weights=.")
 
   # Local scope, as verl selects per micro-batch and per rank: statistics and counts per group
   # of rows of this device's shard; the loss is still aggregated over the whole batch.
@@ -109,101 +125,11 @@ def select_tokens(control: mt.Control, tokens: tk.PolicyTokens, surrogate: tk.Su
   return join(cov), sel.Selection(join(chosen.mask), jnp.sum(chosen.count))
 
 
-def loss_metrics(
-    tokens: tk.PolicyTokens,
-    aggregate: agg.Aggregate,
-    cov: jax.Array,
-    surrogate: tk.Surrogate,
-    selection: sel.Selection,
-    touched: jax.Array,
-    *,
-    axis_name: str | None = None,
-    ppo_kl: jax.Array | None = None,
-) -> Metrics:
-  """The common metrics of a policy loss (see the module docstring), global over `axis_name`.
-
-  `ppo_kl`: the [B, T] terms of verl's ppo_kl (`Control.ppo_kl_terms`); approx_kl's when None.
-  """
-  cov = lax.stop_gradient(cov)
-  log_ratio = lax.stop_gradient(tk.log_ratio(tokens))
-  dtype = cov.dtype
-  # Per-token quantities are already 0 at unused tokens: plain sums, one count for every mean.
-  zero = jnp.zeros((), dtype)
-  count_of = lambda m: zero if m is None else jnp.sum(m, dtype=dtype)
-  sums = {
-      "approx_kl": -jnp.sum(log_ratio),
-      "ppo_kl": -jnp.sum(log_ratio) if ppo_kl is None else jnp.sum(
-          jnp.where(tokens.valid, lax.stop_gradient(ppo_kl), 0.0)),
-      "clip_frac": count_of(None if surrogate.clipped is None else surrogate.clipped),
-      "clip_frac_lower": count_of(surrogate.clipped_lower),
-      "cov_mean": jnp.sum(cov),
-      "selected_frac": selection.count.astype(dtype),
-      "touched_frac": jnp.sum(touched & tokens.valid, dtype=dtype),
-  }
-  cov_max = jnp.max(jnp.where(tokens.valid, cov, -jnp.inf), initial=-jnp.inf)  # B or T = 0
-  nonfinite, count = tokens.nonfinite, tokens.count
-  value, numerator = aggregate.value, aggregate.numerator
-  if axis_name is not None:  # the returned loss is this device's share; metrics are global
-    sums, count, nonfinite, value, numerator = lax.psum(
-        (sums, count, nonfinite, value, numerator), axis_name)
-    cov_max = lax.pmax(cov_max, axis_name)
-  out = {k: v / jnp.maximum(count, 1.0) for k, v in sums.items()}
-  out.update({
-      "loss": value,
-      "loss_numerator": numerator,
-      "loss_denominator": aggregate.denominator,
-      "cov_max": jnp.where(count > 0, cov_max, 0.0),
-      "nonfinite_tokens": nonfinite,
-  })
-  return jax.tree.map(lax.stop_gradient, out)
-
-
-def _entropy_metrics(logits, temperature, logit_update, valid, axis_name
-                     ) -> tuple[Metrics, ent.ScoreTerms]:
-  logits = _checks.check_float_array("logits", logits)
-  if logits.shape[:-1] != valid.shape:
-    raise ValueError(f"logits must be [B, T, V] with [B, T] = {valid.shape}, got {logits.shape}.")
-  logits = lax.stop_gradient(jnp.where(valid[..., None], logits, 0.0))
-  if temperature != 1.0:
-    logits = logits / temperature
-  terms = ent.score_terms(logits)  # the entropy and, from the same pass, the score terms
-  # Under jit, NaN / +inf / all -inf logits give entropy NaN: left out, counted in nonfinite.
-  defined = valid & jnp.isfinite(terms.entropy)
-  out = {"entropy": masked_mean(terms.entropy, defined, axis_name)}
-  if logit_update is not None:
-    if jnp.shape(logit_update) != logits.shape:
-      raise ValueError(f"logit_update {jnp.shape(logit_update)} must match logits {logits.shape}.")
-    update = lax.stop_gradient(jnp.where(valid[..., None], logit_update, 0.0))
-    predicted = ent.entropy_change_first_order(logits, update)
-    defined = defined & jnp.isfinite(predicted)
-    out["predicted_entropy_change"] = masked_mean(predicted, defined, axis_name)
-  undefined = jnp.sum(valid & ~defined, dtype=jnp.int32)
-  undefined = undefined if axis_name is None else lax.psum(undefined, axis_name)
-  return out, terms, defined, undefined
-
-
-def _loss_entropy_change(control, tokens, selection, terms, coef, step, defined,
-                         axis_name) -> jax.Array:
-  """Mean first-order entropy change of each position's unit logit step down its token loss."""
-  tokens = jax.tree.map(lax.stop_gradient, tokens)
-
-  def total(log_prob):  # the token losses' sum: its gradient is each token's own slope
-    moved = tokens._replace(log_prob=log_prob)
-    return jnp.sum(control.token_loss(moved, control.surrogate(moved), selection, step=step,
-                                      axis_name=axis_name))
-
-  slope = jax.grad(total)(tokens.log_prob)
-  bonus = 0.0 if coef is None else lax.stop_gradient(jnp.asarray(sch.value_at(coef, step)))
-  change = jnp.where(defined, ent.score_step_entropy_change(terms, tokens.log_prob, slope, bonus),
-                     0.0)
-  return lax.stop_gradient(masked_mean(change, defined, axis_name))
-
-
 def _policy_aggregate(loss_mat, tokens, loss_agg_mode, denominator, horizon, axis_name):
   if denominator is None and loss_agg_mode == "token-mean":  # reuse the count
     denominator = tokens.count if axis_name is None else lax.psum(tokens.count, axis_name)
   return agg.aggregate(loss_mat, tokens.valid, loss_agg_mode, denominator_override=denominator,
-                       horizon=horizon, axis_name=axis_name)
+                       horizon=horizon, axis_name=axis_name, weights=tokens.weight)
 
 
 def policy_loss(
@@ -224,6 +150,7 @@ def policy_loss(
     denominator: jax.Array | float | None = None,
     horizon: int | None = None,
     axis_name: str | None = None,
+    weights: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
   """The token loss of `control` on verl's four [B, T] arrays, and its metrics.
 
@@ -246,6 +173,9 @@ def policy_loss(
     denominator: the whole batch's denominator, for exact gradient accumulation.
     horizon: divisor of seq-mean-token-sum-norm.
     axis_name: shard_map axis; statistics, selection and the denominator become global.
+    weights: optional [B] population shares of the rows (finite, >= 0): the expected loss over a
+      weighted population (see the module docstring); Clip-Cov then needs no `key`. Not with
+      verl's local selection, nor with `axis_name` for the selecting methods.
 
   Returns:
     (loss, metrics); with a bonus the loss is the policy aggregate minus the coefficient times
@@ -262,13 +192,13 @@ def policy_loss(
   control = mt.check_control(control)
   _checks.check_positive("temperature", temperature)
   control.check_call(key=key, step=step, has_logits=logits is not None or entropy is not None,
-                     has_selected=selected is not None)
+                     has_selected=selected is not None, has_weights=weights is not None)
   if control.needs_entropy and logits is None and entropy is None:
     raise ValueError(f"{type(control).__name__} reads each token's entropy: pass "
                      "logits=[B, T, V] or entropy=[B, T].")
   if logit_update is not None and logits is None:
     raise ValueError("logit_update needs logits too.")
-  tokens = tk.policy_tokens(old_log_prob, log_prob, advantages, response_mask)
+  tokens = tk.policy_tokens(old_log_prob, log_prob, advantages, response_mask, weights=weights)
   if control.needs_entropy:
     tokens = tk.with_entropy(tokens, logits=logits, entropy=entropy, temperature=temperature)
   surrogate = control.surrogate(tokens)
@@ -278,7 +208,7 @@ def policy_loss(
                                 axis_name=axis_name)
   aggregate = _policy_aggregate(loss_mat, tokens, loss_agg_mode, denominator, horizon,
                                 axis_name)
-  metrics = loss_metrics(tokens, aggregate, cov, surrogate, selection,
+  metrics = mx.loss_metrics(tokens, aggregate, cov, surrogate, selection,
                          control.touched(tokens, surrogate, selection), axis_name=axis_name,
                          ppo_kl=control.ppo_kl_terms(tokens))
   loss = aggregate.value
@@ -292,19 +222,19 @@ def policy_loss(
       bonus, bonus_metrics = entropy_bonus_loss(
           logits, response_mask, coef=coef, temperature=temperature, entropy=given,
           loss_agg_mode=loss_agg_mode, denominator=denominator, horizon=horizon,
-          axis_name=axis_name)
+          axis_name=axis_name, weights=weights)
       loss = loss + bonus
     if logits is not None:
-      entropy_metrics, terms, defined, undefined = _entropy_metrics(
-          logits, temperature, logit_update, tokens.valid, axis_name)
+      entropy_metrics, terms, defined, undefined = mx.entropy_metrics(
+          logits, temperature, logit_update, tokens.valid, axis_name, tk.token_weight(tokens))
       metrics.update(entropy_metrics)
       metrics["nonfinite_tokens"] += undefined
-      metrics["loss_entropy_change"] = _loss_entropy_change(
+      metrics["loss_entropy_change"] = mx.loss_entropy_change(
           control, tokens, selection, terms, coef, step, defined, axis_name)
     else:
       h = lax.stop_gradient(jnp.where(tokens.valid, _checks.upcast(given), 0.0))
       defined = tokens.valid & jnp.isfinite(h)
-      metrics["entropy"] = masked_mean(h, defined, axis_name)
+      metrics["entropy"] = masked_mean(h, defined, axis_name, tk.token_weight(tokens))
       undefined = jnp.sum(tokens.valid & ~defined, dtype=jnp.int32)
       metrics["nonfinite_tokens"] += undefined if axis_name is None else lax.psum(undefined,
                                                                                 axis_name)
@@ -325,6 +255,7 @@ def entropy_bonus_loss(
     denominator: jax.Array | float | None = None,
     horizon: int | None = None,
     axis_name: str | None = None,
+    weights: jax.Array | None = None,
 ) -> tuple[jax.Array, Metrics]:
   """The entropy bonus -coef * agg(H), H the full-vocabulary entropy of logits / temperature.
 
@@ -341,7 +272,7 @@ def entropy_bonus_loss(
     entropy: [B, T] per-token entropies in place of `logits` (for example from
       `covrl.token_log_probs_and_entropy`); the bonus's gradient flows through them.
     step: optimisation step, for a scheduled coefficient.
-    loss_agg_mode, denominator, horizon, axis_name: as in `policy_loss`.
+    loss_agg_mode, denominator, horizon, axis_name, weights: as in `policy_loss`.
 
   Returns:
     (loss, {"entropy": the aggregated entropy, "entropy_coef": coef, "nonfinite_tokens"}).
@@ -375,7 +306,7 @@ def entropy_bonus_loss(
     nonfinite = lax.psum(nonfinite, axis_name)
   h = agg.aggregate(
       jnp.where(valid, token_entropy, 0.0), valid, loss_agg_mode,
-      denominator_override=denominator, horizon=horizon, axis_name=axis_name,
+      denominator_override=denominator, horizon=horizon, axis_name=axis_name, weights=weights,
   )
   loss = -coef.astype(h.value.dtype) * h.value
   mean_entropy = h.value if axis_name is None else lax.psum(h.value, axis_name)
