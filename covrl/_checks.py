@@ -126,3 +126,22 @@ def upcast(x: jax.Array) -> jax.Array:
 def result_dtype(*arrays: jax.Array) -> jnp.dtype:
   """The float dtype math on these arrays runs in: their promotion, at least float32."""
   return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
+
+
+def check_weights(weights: Any, batch: int) -> jax.Array:
+  """[B] population shares of the rows: a floating array of shape [batch], finite and >= 0.
+
+  Raises TypeError for a non-float dtype, ValueError for another shape or, when concrete, for a
+  negative or non-finite weight (under jit such rows are left out by the callers: they keep
+  only rows whose weight is > 0, and a NaN compares False).
+  """
+  weights = upcast(check_float_array("weights", weights))
+  if weights.shape != (batch,):
+    raise ValueError(f"weights must be [B] = [{batch}] (one share per row), got shape "
+                     f"{weights.shape}.")
+  if is_concrete(weights):
+    with jax.ensure_compile_time_eval():
+      bad = int(jnp.sum(~(jnp.isfinite(weights) & (weights >= 0))))
+    if bad:
+      raise ValueError(f"weights must be finite and >= 0; {bad} are not.")
+  return weights

@@ -18,6 +18,16 @@ Global mode (the default): selection over the whole batch. Pass the whole [B, T]
 own tokens, the per-device top-K lists are gathered (K values each, not the batch), and the final
 top-K is taken over them, which is exact because the global top-K is contained in the union of the
 local ones.
+
+A weighted population (`weights`: one share per row, for example every response of an enumerated
+tree with its probability) is the limit of a sampled batch in which row b occurs in proportion to
+its weight, and each method selects what it would select there, as a share of each token's
+weight: KL-Cov the top `ratio` of the total weight by c_i (tokens above the cut fully, the token
+at the cut in part, ties to the lower flat index as in a batch); Clip-Cov its expected draw, the
+share min(1, ratio W / W_band) of every candidate (the expectation over the key, which is not
+used). The count of such a batch, floor(ratio N), is ratio N in the limit: `min_count` does not
+apply. The mask is then a float array of shares in [0, 1] and the count a total weight; apply a
+selection with `on_selected`, which treats both kinds alike.
 """
 
 from __future__ import annotations
@@ -42,9 +52,11 @@ class Selection(NamedTuple):
   """Tokens a method acts on.
 
   Attributes:
-    mask: [B, T] bool, the selected tokens.
+    mask: [B, T] bool, the selected tokens; for a weighted population, float shares in [0, 1]
+      of each token's weight (see the module docstring).
     count: [] int32, how many are selected in this array (this device's shard under shard_map),
-      read off the top-K list rather than summed over the mask.
+      read off the top-K list rather than summed over the mask; for a weighted population, the
+      selected weight (a float).
   """
 
   mask: jax.Array
@@ -54,6 +66,39 @@ class Selection(NamedTuple):
 def empty_selection(shape: tuple[int, ...]) -> Selection:
   """No token selected."""
   return Selection(jnp.zeros(shape, bool), jnp.zeros((), jnp.int32))
+
+
+def on_selected(selection: Selection, x: jax.Array) -> jax.Array:
+  """[B, T] x where a token is selected and 0 elsewhere; for a weighted population's shares,
+  x times each token's selected share (the expected value over its copies)."""
+  if selection.mask.dtype == jnp.bool_:
+    return jnp.where(selection.mask, x, 0.0)
+  return selection.mask.astype(x.dtype) * x
+
+
+def _population(weights: Any, valid: jax.Array, axis_name) -> jax.Array:
+  """[B, T] token weights of a weighted population (0 where not valid or not a valid weight)."""
+  if axis_name is not None:
+    raise ValueError("a weighted population's selection runs on the whole batch under jit, not "
+                     "per device in shard_map (axis_name).")
+  weights = _checks.check_weights(weights, valid.shape[0])
+  return jnp.where(valid & (weights[:, None] > 0), weights[:, None], 0.0)
+
+
+def _keep_top_weighted(scores: jax.Array, weight: jax.Array, mass: jax.Array) -> Selection:
+  """Shares of the highest-scoring tokens holding `mass` of the total weight, in score order
+  (ties: lower flat index), the token at the cut in part; tokens of weight 0 get none."""
+  shape = scores.shape
+  flat, w = scores.reshape(-1), weight.reshape(-1)
+  if flat.size == 0:
+    return Selection(jnp.zeros(shape, w.dtype), jnp.zeros((), w.dtype))
+  order = jnp.argsort(-flat, stable=True)  # descending; equal scores keep index order
+  ws = w[order]
+  before = jnp.cumsum(ws) - ws
+  share = jnp.where(ws > 0, jnp.clip((mass - before) / jnp.where(ws > 0, ws, 1.0), 0.0, 1.0),
+                    0.0)
+  shares = jnp.zeros_like(w).at[order].set(share).reshape(shape)
+  return Selection(shares, jnp.sum(shares * weight))
 
 
 @functools.lru_cache(maxsize=256)
@@ -198,6 +243,7 @@ def kl_cov_select(
     min_count: int = 1,
     max_ratio: float | None = None,
     axis_name: str | None = None,
+    weights: jax.Array | None = None,
 ) -> Selection:
   """KL-Cov's tokens: the top max(floor(ratio * N_valid), min_count) valid tokens by c_i.
 
@@ -210,17 +256,24 @@ def kl_cov_select(
     min_count: lower bound on the count (verl: 1).
     max_ratio: static bound, needed only when `ratio` is traced.
     axis_name: shard_map axis the batch is split over, for exact global selection.
+    weights: optional [B] population shares of the rows: the top `ratio` of the total weight is
+      selected, as shares (see the module docstring); not with `axis_name`.
 
   Returns:
     Selection(mask, count): the [B, T] bool mask of selected tokens and their number in this
     array (this device's shard under shard_map), read off the top-K list instead of summing the
     mask (a pass over the batch that costs as much as a quarter of a PPO loss on CPU).
-    Non-finite c_i are never selected.
+    Non-finite c_i are never selected. With `weights`: float shares and the selected weight.
   """
   _checks.check_same_shape(("cov", "response_mask"), (cov, response_mask), rank=2)
   mask = _checks.as_mask("response_mask", response_mask)
   cov = lax.stop_gradient(_checks.upcast(_checks.check_float_array("cov", cov)))
   valid = finite_tokens(mask, cov)
+  if weights is not None:
+    _checks.check_fraction("ratio", ratio)
+    weight = _population(weights, valid, axis_name).astype(cov.dtype)
+    scores = jnp.where(weight > 0, cov, -jnp.inf)
+    return _keep_top_weighted(scores, weight, jnp.asarray(ratio, cov.dtype) * jnp.sum(weight))
   num_valid = masked_sum(jnp.ones((), jnp.int32), valid, axis_name)
   count, k_max = selection_count(
       ratio, num_valid, capacity=_capacity(cov.shape, axis_name), min_count=min_count,
@@ -286,7 +339,7 @@ def clip_cov_select(
     cov: jax.Array,
     response_mask: jax.Array,
     *,
-    key: jax.Array,
+    key: jax.Array | None,
     ratio: float | jax.Array,
     lb: float,
     ub: float,
@@ -295,6 +348,7 @@ def clip_cov_select(
     max_ratio: float | None = None,
     axis_name: str | None = None,
     row_offset: int | jax.Array = 0,
+    weights: jax.Array | None = None,
 ) -> Selection:
   """Clip-Cov's tokens: max(floor(ratio * N_valid), min_count) drawn at random from the band.
 
@@ -305,18 +359,22 @@ def clip_cov_select(
   Args:
     cov: [B, T] per-token covariance.
     response_mask: [B, T] 0/1 or bool.
-    key: PRNG key for the draw.
+    key: PRNG key for the draw (None with `weights`).
     ratio: fraction in [0, 1] (verl's clip_cov_ratio, 2e-4 by default).
     lb, ub: the open band (verl: 1.0 and 5.0); lb < ub.
     eligible: optional [B, T] bool; verl excludes tokens the PPO clip already clipped.
     min_count, max_ratio, axis_name: as in `kl_cov_select`.
     row_offset: index of this array's first row in the global batch (for micro-batches).
+    weights: optional [B] population shares of the rows: every candidate gets the expected
+      share min(1, ratio W / W_band) of the draw (see the module docstring); `key` may then be
+      None (a key given is checked, not used); not with `axis_name`.
 
   Returns:
     Selection(mask, count), as `kl_cov_select`.
   """
   _checks.check_same_shape(("cov", "response_mask"), (cov, response_mask), rank=2)
-  check_key(key)  # before any work: a bad key is a TypeError naming the argument
+  if weights is None or key is not None:
+    check_key(key)  # before any work: a bad key is a TypeError naming the argument
   lbv, ubv = _checks.concrete_float(lb), _checks.concrete_float(ub)
   if lbv is not None and ubv is not None and not lbv < ubv:
     raise ValueError(f"Clip-Cov needs lb < ub, got lb={lbv!r}, ub={ubv!r}.")
@@ -326,6 +384,14 @@ def clip_cov_select(
   candidates = valid & (cov > lb) & (cov < ub)
   if eligible is not None:
     candidates = candidates & jnp.asarray(eligible, bool)
+  if weights is not None:
+    _checks.check_fraction("ratio", ratio)
+    weight = _population(weights, valid, axis_name).astype(cov.dtype)
+    band = jnp.sum(jnp.where(candidates, weight, 0.0))
+    mass = jnp.asarray(ratio, cov.dtype) * jnp.sum(weight)
+    share = jnp.minimum(1.0, mass / jnp.where(band > 0, band, 1.0))
+    shares = jnp.where(candidates & (weight > 0), share, 0.0)
+    return Selection(shares, jnp.sum(shares * weight))
   num_valid = masked_sum(jnp.ones((), jnp.int32), valid, axis_name)
   count, k_max = selection_count(
       ratio, num_valid, capacity=_capacity(cov.shape, axis_name), min_count=min_count,

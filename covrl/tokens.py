@@ -7,6 +7,10 @@ later stages need no masked copies and NaN or inf in padding reaches neither val
 gradients. A NaN or inf at a valid position raises when the inputs are concrete; under jit such
 tokens are left out and counted in `nonfinite`.
 
+A weighted population (`weights=`: one share per row, for example every response of an
+enumerated tree with its probability) makes every later sum a weighted one: `count` is then the
+total weight of the used tokens, and rows of weight 0 are not used.
+
 The later stages (covrl.methods: the surrogate, the selection, the token loss; covrl.aggregation;
 covrl.losses for the metrics) take a `PolicyTokens` and never validate again.
 """
@@ -33,9 +37,12 @@ class PolicyTokens(NamedTuple):
       0 at tokens that are not used.
     valid: [B, T] bool, the tokens the loss uses.
     nonfinite: [] int, valid-mask tokens left out because an input was NaN or inf.
-    count: [] number of used tokens (this device's, under shard_map), as a float.
+    count: [] number of used tokens (this device's, under shard_map), as a float; their total
+      weight for a weighted population.
     entropy: [B, T] full-vocabulary entropy of each token's position, detached, 0 at unused
       tokens; None unless the control reads it (`with_entropy`).
+    weight: [B] the population share of each row (None for a sampled batch, where every token
+      counts once); `token_weight` gives the [B, T] weights, 0 at unused tokens.
   """
 
   old_log_prob: jax.Array
@@ -45,6 +52,7 @@ class PolicyTokens(NamedTuple):
   nonfinite: jax.Array
   count: jax.Array
   entropy: jax.Array | None = None
+  weight: jax.Array | None = None
 
 
 class Surrogate(NamedTuple):
@@ -62,7 +70,8 @@ class Surrogate(NamedTuple):
 
 
 def policy_tokens(old_log_prob: jax.Array, log_prob: jax.Array, advantages: jax.Array,
-                  response_mask: jax.Array) -> PolicyTokens:
+                  response_mask: jax.Array, *, weights: jax.Array | None = None
+                  ) -> PolicyTokens:
   """Validate and clean verl's four [B, T] policy-loss inputs (see the module docstring).
 
   Args:
@@ -70,6 +79,9 @@ def policy_tokens(old_log_prob: jax.Array, log_prob: jax.Array, advantages: jax.
     log_prob: [B, T] log pi of the sampled tokens under the current policy.
     advantages: [B, T] advantages.
     response_mask: [B, T] 0/1 or bool, 1 at valid response tokens.
+    weights: optional [B] population shares of the rows, finite and >= 0 (a negative or
+      non-finite one raises when concrete; under jit its row is left out, as are rows of
+      weight 0).
 
   Returns:
     PolicyTokens.
@@ -86,8 +98,35 @@ def policy_tokens(old_log_prob: jax.Array, log_prob: jax.Array, advantages: jax.
   valid = finite_tokens(mask, *arrays)
   # Safe values at invalid positions keep NaN out of values and gradients alike.
   old, new, adv = (jnp.where(valid, x, 0.0) for x in arrays)
-  return PolicyTokens(old, new, adv, valid, jnp.sum(mask & ~valid),
-                      jnp.sum(valid, dtype=dtype))
+  if weights is None:
+    return PolicyTokens(old, new, adv, valid, jnp.sum(mask & ~valid),
+                        jnp.sum(valid, dtype=dtype))
+  weights = _checks.check_weights(weights, mask.shape[0]).astype(dtype)
+  # Rows outside the population (weight 0, or not a valid weight under jit) are not used; only
+  # the non-finite inputs count in `nonfinite`.
+  valid = valid & (weights[:, None] > 0)
+  old, new, adv = (jnp.where(valid, x, 0.0) for x in (old, new, adv))
+  weights = jnp.where(weights > 0, weights, 0.0)
+  return PolicyTokens(old, new, adv, valid, jnp.sum(mask & ~finite_tokens(mask, *arrays)),
+                      jnp.sum(jnp.where(valid, weights[:, None], 0.0)), weight=weights)
+
+
+def token_weight(tokens: PolicyTokens) -> jax.Array | None:
+  """[B, T] the weight of each token (its row's share, 0 at unused tokens), or None for a
+  sampled batch (every used token counts once)."""
+  if tokens.weight is None:
+    return None
+  return jnp.where(tokens.valid, tokens.weight[:, None], 0.0)
+
+
+def count_of(tokens: PolicyTokens, mask: jax.Array) -> jax.Array:
+  """How many used tokens `mask` marks (their total weight for a weighted population, where
+  `mask` may also hold shares in [0, 1] of each token, as a population's selection does)."""
+  if tokens.weight is None:
+    return jnp.sum(mask & tokens.valid, dtype=tokens.count.dtype)
+  if jnp.issubdtype(mask.dtype, jnp.floating):
+    return jnp.sum(token_weight(tokens) * mask)
+  return jnp.sum(jnp.where(mask & tokens.valid, tokens.weight[:, None], 0.0))
 
 
 def with_entropy(tokens: PolicyTokens, *, logits: jax.Array | None = None,
@@ -121,10 +160,11 @@ def with_entropy(tokens: PolicyTokens, *, logits: jax.Array | None = None,
   h = jax.lax.stop_gradient(h.astype(tokens.log_prob.dtype))
   valid = tokens.valid & jnp.isfinite(h)
   drop = lambda x: jnp.where(valid, x, 0.0)
-  return tokens._replace(old_log_prob=drop(tokens.old_log_prob), log_prob=drop(tokens.log_prob),
-                         advantages=drop(tokens.advantages), valid=valid,
-                         nonfinite=tokens.nonfinite + jnp.sum(tokens.valid & ~valid),
-                         count=jnp.sum(valid, dtype=tokens.count.dtype), entropy=drop(h))
+  kept = tokens._replace(valid=valid)
+  return kept._replace(old_log_prob=drop(tokens.old_log_prob), log_prob=drop(tokens.log_prob),
+                       advantages=drop(tokens.advantages),
+                       nonfinite=tokens.nonfinite + jnp.sum(tokens.valid & ~valid),
+                       count=count_of(kept, valid), entropy=drop(h))
 
 
 @jax.custom_jvp
@@ -176,6 +216,7 @@ def clipped_surrogate(advantages: jax.Array, ratio_: jax.Array, low, high
 
 
 def covariance(tokens: PolicyTokens, axis_name: str | None = None) -> jax.Array:
-  """[B, T] pooled c_i (Cui et al. Eq. 10) of the used tokens, means global with `axis_name`."""
+  """[B, T] pooled c_i (Cui et al. Eq. 10) of the used tokens, means global with `axis_name`
+  (weighted for a weighted population)."""
   return centred_product(tokens.log_prob, tokens.advantages, tokens.valid, axis_name=axis_name,
-                         count=tokens.count)
+                         count=tokens.count, weight=token_weight(tokens))

@@ -172,9 +172,11 @@ class Control:
     del surrogate, selection
     return jnp.zeros(tokens.valid.shape, bool)
 
-  def check_call(self, *, key: Any, step: Any, has_logits: bool, has_selected: bool) -> None:
-    """Raise before tracing when a loss call lacks what this method needs."""
-    del key, step, has_logits, has_selected
+  def check_call(self, *, key: Any, step: Any, has_logits: bool, has_selected: bool,
+                 has_weights: bool = False) -> None:
+    """Raise before tracing when a loss call lacks what this method needs (`has_weights`: the
+    call is over a weighted population, whose selections take no draw)."""
+    del key, step, has_logits, has_selected, has_weights
 
   def ppo_kl_terms(self, tokens: PolicyTokens) -> jax.Array:
     """[B, T] per-token terms whose mean over valid tokens is verl's `ppo_kl` metric for this

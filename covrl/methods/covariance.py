@@ -126,10 +126,10 @@ class ClipCov(Control, PPOClip, CovarianceSelection):
                                                        "clip_cov_ratio"),
         lb=lb, ub=ub, eligible=~(surrogate.clipped & tokens.valid),
         min_count=self.min_count, max_ratio=self._count_bound(self.clip_cov_ratio),
-        axis_name=axis_name, row_offset=row_offset)
+        axis_name=axis_name, row_offset=row_offset, weights=tokens.weight)
 
   def loss_change(self, tokens, surrogate, selection, *, step=None, axis_name=None):
-    return jnp.where(selection.mask, -surrogate.loss, 0.0)  # detached: zero loss and gradient
+    return sel.on_selected(selection, -surrogate.loss)  # detached: zero loss and gradient
 
   def ppo_kl_terms(self, tokens):
     return tokens.old_log_prob - tokens.log_prob  # verl's clip_cov: mean(-log r), unclamped
@@ -137,9 +137,9 @@ class ClipCov(Control, PPOClip, CovarianceSelection):
   def touched(self, tokens, surrogate, selection):
     return selection.mask
 
-  def check_call(self, *, key, step, has_logits, has_selected):
+  def check_call(self, *, key, step, has_logits, has_selected, has_weights=False):
     del has_logits
-    if key is None and not has_selected:
+    if key is None and not (has_selected or has_weights):
       raise ValueError("Clip-Cov draws its tokens at random: pass a PRNG key as key= (or a "
                        "precomputed selection as selected=).")
     if key is not None:
@@ -216,12 +216,12 @@ class KLCov(Control, CovarianceSelection):
     return sel.kl_cov_select(
         cov, tokens.valid, ratio=sch.value_at(self.kl_cov_ratio, step, "kl_cov_ratio"),
         min_count=self.min_count, max_ratio=self._count_bound(self.kl_cov_ratio),
-        axis_name=axis_name)
+        axis_name=axis_name, weights=tokens.weight)
 
   def loss_change(self, tokens, surrogate, selection, *, step=None, axis_name=None):
     beta = self.strength_at(step)
     penalty = beta * abs_zero_grad_at_zero(tokens.log_prob - tokens.old_log_prob)
-    return jnp.where(selection.mask, penalty, 0.0)
+    return sel.on_selected(selection, penalty)
 
   def touched(self, tokens, surrogate, selection):
     return selection.mask
@@ -229,8 +229,8 @@ class KLCov(Control, CovarianceSelection):
   def ppo_kl_terms(self, tokens):
     return jnp.abs(tokens.log_prob - tokens.old_log_prob)  # verl's kl_cov: mean |log r|
 
-  def check_call(self, *, key, step, has_logits, has_selected):
-    del key, has_logits
+  def check_call(self, *, key, step, has_logits, has_selected, has_weights=False):
+    del has_weights, key, has_logits
     if (callable(self.ppo_kl_coef) or (callable(self.kl_cov_ratio) and not has_selected)) and (
         step is None):
       raise ValueError("KL-Cov's coefficient or ratio is a schedule: pass the optimisation "

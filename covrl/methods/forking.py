@@ -19,6 +19,13 @@ processes, which is covrl's global scope on one process (and, per micro-batch, i
 with `micro_batch_size`). Gradient accumulation with the global threshold: select once on the
 whole batch and pass each micro-batch its rows as `selected=`.
 
+A weighted population (`weights`: one share per row) is the limit of a batch in which row b
+occurs in proportion to its weight. There the interpolated rank q (N - 1) falls inside the run of
+copies of the least entropy h with F(h) > q (F the weighted distribution function of the valid
+entropies), or, when F(h) = q exactly, between h and the next entropy: either way the kept tokens
+are those whose entropy has F(H) > q (the highest entropy alone at q = 1), whole atoms, so the
+kept weight can exceed rho W at a tie, as the kept count can in a batch.
+
 Exactness: with float32 entropies the threshold is torch's to its last bit except where
 PyTorch's CPU kernel fuses the interpolation's multiply-add (one rounding fewer); the kept set
 differs only if a valid entropy lies within that last bit of the threshold (measured: 0 of
@@ -82,12 +89,34 @@ def entropy_threshold(entropy: jax.Array, valid: jax.Array, q: Any, *,
   return jnp.where(n > 0, value, jnp.inf)
 
 
+def weighted_quantile(values: jax.Array, weight: jax.Array, q: Any) -> jax.Array:
+  """The limit of the interpolated sample q-quantile over a weighted population: the least value
+  v with F(v) > q, F the weighted distribution function (tokens of weight 0 are not in it), or
+  the largest value when there is none (q = 1); +inf when the population is empty.
+
+  F(v) is compared with q with a margin of 1e-6 of the total weight, so that a step of F that
+  equals q in exact arithmetic counts as equal despite the round-off of the cumulative sum.
+  """
+  flat, w = values.reshape(-1), weight.reshape(-1)
+  if flat.size == 0:
+    return jnp.full((), jnp.inf, flat.dtype)
+  inside = w > 0
+  order = jnp.argsort(jnp.where(inside, flat, jnp.inf))  # the population first, ascending
+  v, cum = flat[order], jnp.cumsum(jnp.where(inside, w, 0.0)[order])
+  total = cum[-1]
+  above = (cum > (q + 1e-6) * total) & inside[order]
+  last = jnp.maximum(jnp.sum(inside) - 1, 0)  # the largest value in the population
+  value = jnp.where(jnp.any(above), v[jnp.argmax(above)], v[last])
+  return jnp.where(total > 0, value, jnp.inf)
+
+
 def high_entropy_select(
     entropy: jax.Array,
     response_mask: jax.Array,
     *,
     top_entropy_quantile: float | jax.Array,
     axis_name: str | None = None,
+    weights: jax.Array | None = None,
 ) -> sel.Selection:
   """The valid tokens whose entropy is >= the (1 - top_entropy_quantile)-quantile (TRL's rule).
 
@@ -97,10 +126,13 @@ def high_entropy_select(
     top_entropy_quantile: rho in [0, 1], the fraction of tokens kept (TRL's keyword; 1 keeps
       every valid token, 0 only the highest-entropy ones).
     axis_name: shard_map axis the batch is split over, for the exact global threshold.
+    weights: optional [B] population shares of the rows: the threshold is the weighted
+      population quantile (see the module docstring); not with `axis_name`.
 
   Returns:
     Selection(mask, count): the kept tokens and their number in this array (this device's shard
-    under shard_map). Ties at the threshold are all kept, so the count can exceed rho N.
+    under shard_map). Ties at the threshold are all kept, so the count can exceed rho N. With
+    `weights` the count is the kept weight.
 
   Example:
     >>> import jax.numpy as jnp, covrl
@@ -113,6 +145,15 @@ def high_entropy_select(
   mask = _checks.as_mask("response_mask", response_mask)
   h = lax.stop_gradient(_checks.upcast(_checks.check_float_array("entropy", entropy)))
   valid = finite_tokens(mask, h)
+  if weights is not None:
+    if axis_name is not None:
+      raise ValueError("a weighted population's selection runs on the whole batch under jit, "
+                       "not per device in shard_map (axis_name).")
+    w = _checks.check_weights(weights, valid.shape[0]).astype(h.dtype)
+    weight = jnp.where(valid & (w[:, None] > 0), w[:, None], 0.0)
+    q = 1.0 - jnp.asarray(top_entropy_quantile, h.dtype)
+    keep = (weight > 0) & (h >= weighted_quantile(h, weight, q))
+    return sel.Selection(keep, jnp.sum(jnp.where(keep, weight, 0.0)))
   rho = _checks.concrete_float(top_entropy_quantile)
   # TRL passes 1 - rho, computed in Python (float64), to torch.quantile.
   q = 1.0 - rho if rho is not None else 1.0 - jnp.asarray(top_entropy_quantile, h.dtype)
@@ -180,7 +221,7 @@ class ForkingTokens(Control, PPOClip):
     del cov, surrogate, key, row_offset
     rho = sch.value_at(self.top_entropy_quantile, step, "top_entropy_quantile")
     return high_entropy_select(tokens.entropy, tokens.valid, top_entropy_quantile=rho,
-                               axis_name=axis_name)
+                               axis_name=axis_name, weights=tokens.weight)
 
   def loss_change(self, tokens, surrogate, selection, *, step=None, axis_name=None):
     return jnp.where(tokens.valid & ~selection.mask, -surrogate.loss, 0.0)
@@ -188,8 +229,8 @@ class ForkingTokens(Control, PPOClip):
   def touched(self, tokens, surrogate, selection):
     return tokens.valid & ~selection.mask  # the tokens whose gradient is removed
 
-  def check_call(self, *, key, step, has_logits, has_selected):
-    del key, has_logits
+  def check_call(self, *, key, step, has_logits, has_selected, has_weights=False):
+    del has_weights, key, has_logits
     if callable(self.top_entropy_quantile) and step is None and not has_selected:
       raise ValueError("top_entropy_quantile is a schedule: pass the optimisation step as "
                        "`step=`.")

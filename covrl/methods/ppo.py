@@ -86,8 +86,8 @@ class EntropyBonus(Control, PPOClip):
   def touched(self, tokens, surrogate, selection):
     return tokens.valid
 
-  def check_call(self, *, key, step, has_logits, has_selected):
-    del key, has_selected
+  def check_call(self, *, key, step, has_logits, has_selected, has_weights=False):
+    del has_weights, key, has_selected
     if not has_logits:
       raise ValueError("EntropyBonus needs the full-vocabulary entropy: pass logits=[B, T, V] "
                        "or entropy=[B, T] (covrl.token_log_probs_and_entropy).")

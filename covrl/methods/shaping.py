@@ -87,8 +87,8 @@ class EntropyAdvantage(Control, PPOClip):
       return tokens.valid & (tokens.advantages != 0) & (tokens.entropy > 0)
     return tokens.valid & (self.bonus(tokens) > 0)
 
-  def check_call(self, *, key, step, has_logits, has_selected):
-    del key, has_logits, has_selected
+  def check_call(self, *, key, step, has_logits, has_selected, has_weights=False):
+    del has_weights, key, has_logits, has_selected
     if callable(self.alpha) and step is None:
       raise ValueError("alpha is a schedule: pass the optimisation step as `step=`.")
 
@@ -136,8 +136,8 @@ class WReinforce(Control, PPOClip):
     positive = tokens.valid & (tokens.advantages > 0)
     return positive & (lam != 1.0) if lam is not None else positive
 
-  def check_call(self, *, key, step, has_logits, has_selected):
-    del key, has_logits, has_selected
+  def check_call(self, *, key, step, has_logits, has_selected, has_weights=False):
+    del has_weights, key, has_logits, has_selected
     if callable(self.positive_advantage_weight) and step is None:
       raise ValueError("positive_advantage_weight is a schedule: pass the optimisation step as "
                        "`step=`.")

@@ -134,7 +134,7 @@ class STEER(Control, PPOClip):
     w = self.weights(tokens, surrogate, step=0 if callable(self.token_weight_min) else None)
     return tokens.valid & (w != 1.0)
 
-  def check_call(self, *, key, step, has_logits, has_selected):
-    del key, has_logits, has_selected
+  def check_call(self, *, key, step, has_logits, has_selected, has_weights=False):
+    del has_weights, key, has_logits, has_selected
     if callable(self.token_weight_min) and step is None:
       raise ValueError("token_weight_min is a schedule: pass the optimisation step as `step=`.")
