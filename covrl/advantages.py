@@ -5,10 +5,12 @@ For a group of G responses to one prompt with scalar rewards r_1..r_G,
   A_i = (r_i - mean(r)) / (std(r) + eps),
 
 with the unbiased (Bessel-corrected) standard deviation, as torch.std gives, and eps = 1e-6.
-A group of one response gets A = r (verl sets its mean to 0 and std to 1). The advantages of a
-group sum to zero, and they do not change when every reward is scaled by c > 0 (up to eps): the
-entropy bonus's fixed point under these advantages is therefore not softmax(r / alpha)
-(THEORY.md T2.7, proofs/T2_entropy_bonus_bias.md).
+A group of one response gets A = r (verl sets its mean to 0 and std to 1). A group whose rewards
+are all equal gets advantages exactly 0, whatever the dtype and eps (computed as written, the
+float mean can be an ulp off the common value; divided by std + eps = eps that is no longer
+small). The advantages of a group sum to zero, and they do not change when every reward is
+scaled by c > 0 (up to eps): the entropy bonus's fixed point under these advantages is
+therefore not softmax(r / alpha) (THEORY.md T2.7, proofs/T2_entropy_bonus_bias.md).
 
 References:
   Shao et al., DeepSeekMath (GRPO), arXiv:2402.03300 (2024).
@@ -47,8 +49,13 @@ def grpo_advantages(
   group = rewards.shape[-1]
   if group == 1:
     return rewards
-  centred = rewards - jnp.mean(rewards, axis=-1, keepdims=True)
+  # A group whose rewards are all equal has advantages exactly 0, in any dtype and for any eps:
+  # its float mean can be an ulp off the common value (float32, G = 3: about a third of such
+  # groups), which divided by std + eps = eps gave advantages of +-0.06 where the optimum's
+  # fixed-point property (THEORY.md T3.3) needs 0, and with eps = 0 gave 0 / 0.
+  equal = jnp.all(rewards == rewards[..., :1], axis=-1, keepdims=True)
+  centred = jnp.where(equal, 0.0, rewards - jnp.mean(rewards, axis=-1, keepdims=True))
   if not normalize_std:
     return centred
   std = jnp.sqrt(jnp.sum(centred**2, axis=-1, keepdims=True) / (group - 1))
-  return centred / (std + eps)
+  return jnp.where(equal, 0.0, centred / jnp.where(equal, 1.0, std + eps))

@@ -96,6 +96,45 @@ class PowerDecay:
 value_class(PowerDecay)
 
 
+@dataclasses.dataclass(frozen=True)
+class GeometricRamp:
+  """value(t) = start * (end / start) ** min(t / steps, 1): geometric from start to end over
+  `steps` steps, then end (a continuation, or homotopy: a regularised problem solved at a large
+  coefficient and followed to a small one; start = end is a constant, 0 included).
+
+  A pytree: start and end are leaves (they can be traced and vmapped), `steps` is static.
+
+  Attributes:
+    start, end: finite values, both > 0 or both equal.
+    steps: the ramp's length, an int >= 1.
+  """
+
+  start: Any
+  end: Any
+  steps: int = 1
+
+  def __post_init__(self):
+    if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+      raise ValueError(f"steps must be an int >= 1, got {self.steps!r}.")
+    values = [v for v in (self.start, self.end) if isinstance(v, int | float)]
+    for v in values:
+      if not _finite(v, 0.0, False):
+        raise ValueError(f"a geometric ramp's values must be finite and >= 0, got {v!r}.")
+    if len(values) == 2 and self.start != self.end and min(values) <= 0:
+      raise ValueError(f"a geometric ramp between different values needs both > 0, got "
+                       f"start={self.start!r}, end={self.end!r}.")
+
+  def __call__(self, count: jax.Array | int) -> jax.Array:
+    start, end = jnp.asarray(self.start, jnp.float32), jnp.asarray(self.end, jnp.float32)
+    frac = jnp.minimum(jnp.asarray(count, jnp.float32) / self.steps, 1.0)
+    same = start == end
+    ratio = jnp.where(same, 1.0, end / jnp.where(same, 1.0, start))
+    return jnp.where(same, start, start * ratio**frac)
+
+
+value_class(GeometricRamp, static=("steps",))
+
+
 def value_at(coef: Coefficient, step: jax.Array | int | None, name: str = "coef") -> Any:
   """A coefficient's value at `step`: the number itself, or the schedule evaluated there.
 
@@ -126,7 +165,11 @@ def is_annealed(coef: Coefficient) -> bool:
 
 def upper_bound(coef: Coefficient) -> float | None:
   """A static upper bound on a coefficient's values: a number itself, a PowerDecay's first value
-  (it never increases), None for other schedules and traced values."""
+  (it never increases), a GeometricRamp's larger end, None for other schedules and traced
+  values."""
+  if isinstance(coef, GeometricRamp):
+    ends = [v for v in (coef.start, coef.end) if isinstance(v, int | float)]
+    return float(max(ends)) if len(ends) == 2 else None
   if isinstance(coef, PowerDecay):
     coef = coef.init_value
   if isinstance(coef, int | float) and not isinstance(coef, bool):
