@@ -11,7 +11,8 @@ from covrl.experiments.claims import registry
 
 # Checks that take more than about 5 s at the test size on 2 CPU cores (compilation dominates).
 SLOW = {"T1.6", "T1.7", "T1.8", "T1.8.tf", "T3.1", "T3.2", "T3.3", "T3.4", "T3.5", "T3.6",
-        "T3.6.tf", "T3.7", "T4.1", "T4.2", "T5.4", "C1", "C2"}
+        "T3.6.tf", "T3.7", "T4.1", "T4.2", "T5.4", "C1", "C2", "T2.tf", "T3.3.tf", "T3.4.tf",
+        "T3.5.tf"}
 TABULAR = {*(f"T1.{i}" for i in (1, 2, 3, 4, 5, 6, 8)), *(f"T2.{i}" for i in range(1, 8)),
            *(f"T3.{i}" for i in range(1, 7)), "T5.4"}
 # The empirical findings of THEORY.md T4 (Cui et al.): measured and reported either way.
@@ -20,9 +21,10 @@ T4_FINDINGS = {"T4.1", "T4.2", "T4.3"}
 # reactive rule's tracking error in the transformer lab, 1.2x the cost of a step), reported
 # either way; their measurement and criterion are tested in tests/test_control_transformer.py.
 CONTROL_TARGETS = {"C3", "C1.tf", "C3.tf"}
-# The theorems checked in a network, in the covariance regime (issue 11): measured over few
-# seeds of a small network, reported either way; tested in tests/test_regime.py.
-REGIME_FINDINGS = {"T2.tf", "T3.4.tf", "T3.5.tf", "T4.3.fork"}
+# Sampled measurements in the covariance regime (issue 11): measured over few seeds of a small
+# network, reported either way; tested in tests/test_regime.py. (The theorems in a network are
+# checked exactly: T2.tf, T3.3.tf-T3.5.tf, asserted like every theorem.)
+REGIME_FINDINGS = {"T4.4.fork", "T4.5.fork", "T4.6.fork", "T4.3.fork"}
 REPORTED = T4_FINDINGS | CONTROL_TARGETS | REGIME_FINDINGS
 
 

@@ -24,10 +24,13 @@ NOTEBOOKS = {
 NEEDS = {"06_tunix_kl_cov": "tunix"}
 # Lines each notebook must print (beyond "no errors, no unconfirmed theorem").
 EXPECTED = {
+    "02_entropy_bonus_bias": [r"^T2\.tf: confirmed"],
+    "03_annealed_covariance_control": [r"^T3\.3\.tf: confirmed", r"^T3\.4\.tf: confirmed",
+                                       r"^T3\.5\.tf: confirmed"],
     "04_transformer_entropy_control": [r"^T1\.7: confirmed", r"^T3\.6\.tf: confirmed",
                                        r"resumed run identical: True",
                                        r"^T4\.3: (reproduced|not reproduced)",
-                                       r"^T2\.tf: (reproduced|not reproduced)",
+                                       r"^T4\.4\.fork: (reproduced|not reproduced)",
                                        r"^T4\.3\.fork: (reproduced|not reproduced)"],
     "05_entropy_control_loop": [r"^C1: confirmed", r"^C2: confirmed", r"^C3: (met|not met)",
                                 r"^C1\.tf: (met|not met)", r"^C3\.tf: (met|not met)"],

@@ -93,7 +93,7 @@ def test_sweep_rejects_bad_input():
 def test_regime_claims_measure_and_follow_their_criteria():
   from covrl.experiments.claims import registry
 
-  results = {cid: registry.run(cid, "test") for cid in ("T2.tf", "T3.4.tf", "T3.5.tf",
+  results = {cid: registry.run(cid, "test") for cid in ("T4.4.fork", "T4.5.fork", "T4.6.fork",
                                                         "T4.3.fork")}
   for cid, result in results.items():
     m = result.measurement
@@ -105,10 +105,10 @@ def test_regime_claims_measure_and_follow_their_criteria():
   # KL-Cov at k = 2e-3 selects max(floor(k N), 1) per mini-batch, acting from the second one.
   n = m.measured["tokens_per_minibatch"]
   assert m.measured["selected_per_minibatch"]["kl_cov"] == max(math.floor(2e-3 * n), 1)
-  t2 = results["T2.tf"].measurement
+  t2 = results["T4.4.fork"].measurement
   assert set(t2.measured["reward_gap_vs_none"]) == {"0.003", "0.01", "0.02", "0.05", "0.1",
                                                     "0.2", "0.5"}
-  frontier = results["T3.5.tf"].measurement.measured["frontier"]
+  frontier = results["T4.6.fork"].measurement.measured["frontier"]
   assert {"none", "entropy@0.01", "clip_cov@0.0002", "kl_cov@1"} <= set(frontier)
 
 

@@ -6,12 +6,12 @@ starts, one vmapped program per control family (`covrl.transformer.sweep`), with
 per-step diagnostics (alpha*, covariance concentration, tokens selected, pass@k). The claims read
 it:
 
-  T2.tf    a fixed bonus leaves a final-reward gap against no control that grows with its
+  T4.4.fork  a fixed bonus leaves a final-reward gap against no control that grows with its
            coefficient below the explosion threshold; annealed, the gap closes; the threshold
            against alpha* at the start;
-  T3.4.tf  annealed Clip-Cov and KL-Cov end at no control's final reward or above, and keep more
+  T4.5.fork  annealed Clip-Cov and KL-Cov end at no control's final reward or above, and keep more
            entropy over training;
-  T3.5.tf  the frontier: final reward and pass@k against entropy kept, every method swept over
+  T4.6.fork  the frontier: final reward and pass@k against entropy kept, every method swept over
            its strength; at matched entropy, the covariance methods' reward against the bonus's;
   T4.3.fork  T4.3 (Clip-Cov and KL-Cov keep entropy above the uncontrolled plateau) here.
 
@@ -43,6 +43,8 @@ from covrl.experiments.claims.registry import Measurement, register
 from covrl.transformer import lab
 from covrl.transformer.sweep import sweep
 
+PROOF_T2 = "proofs/T2_entropy_bonus_bias.md#T4.4.fork"
+PROOF_T3 = "proofs/T3_covariance_control.md#T4.5.fork"
 BONUS = (0.003, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5)
 CLIP_COV = (2e-4, 2e-3, 1e-2)
 KL_COV = (0.3, 1.0, 3.0)
@@ -180,9 +182,10 @@ def _regime_numbers(comp: lab.Comparison) -> dict:
   }
 
 
-@register("T2.tf", "In a network: a fixed entropy bonus leaves a final-reward gap that grows "
-          "with its coefficient below the explosion threshold; annealed, the gap closes",
-          group="regime", proof=u.proof("T2.tf"), plot=plot_dose, kind="empirical")
+@register("T4.4.fork", "Sampled, in the covariance regime: a fixed entropy bonus leaves a "
+          "final-reward gap that grows with its coefficient below the explosion threshold; "
+          "annealed, the gap closes", group="regime", proof=PROOF_T2, plot=plot_dose,
+          kind="empirical")
 def check_bonus_gap(size: str, key: jax.Array) -> Measurement:
   comp = _comp(size, key)
   below, above = _explosion(comp)
@@ -224,9 +227,9 @@ def check_bonus_gap(size: str, key: jax.Array) -> Measurement:
   )
 
 
-@register("T3.4.tf", "In a network: annealed Clip-Cov and KL-Cov end at no control's final "
-          "reward or above, and keep more entropy over training", group="regime",
-          proof=u.proof("T3.4.tf"), plot=plot_curves, kind="empirical")
+@register("T4.5.fork", "Sampled, in the covariance regime: annealed Clip-Cov and KL-Cov end at "
+          "no control's final reward or above, and keep more entropy over training",
+          group="regime", proof=PROOF_T3, plot=plot_curves, kind="empirical")
 def check_annealed_covariance(size: str, key: jax.Array) -> Measurement:
   comp = _comp(size, key)
   out, ok = {}, []
@@ -262,9 +265,9 @@ def _interp_bonus(rows: dict, kept: float) -> float | None:
   return float(np.interp(kept, xs, ys))
 
 
-@register("T3.5.tf", "In a network: the frontier of final reward (and pass@k) against entropy "
-          "kept, every method swept over its strength", group="regime",
-          proof=u.proof("T3.5.tf"), plot=plot_frontier, kind="empirical")
+@register("T4.6.fork", "Sampled, in the covariance regime: the frontier of final reward (and "
+          "pass@k) against entropy kept, every method swept over its strength", group="regime",
+          proof=PROOF_T3, plot=plot_frontier, kind="empirical")
 def check_frontier(size: str, key: jax.Array) -> Measurement:
   comp = _comp(size, key)
   s = _series(comp)

@@ -138,7 +138,7 @@ _REGISTRY: dict[str, Claim] = {}
 # Modules that register claims, imported on first use of the registry (in this order).
 CLAIM_MODULES: list[str] = [
     "covrl.experiments.claims.tabular", "covrl.experiments.claims.methods",
-    "covrl.experiments.claims.transformer",
+    "covrl.experiments.claims.transformer", "covrl.experiments.claims.transformer_exact",
     "covrl.experiments.claims.control", "covrl.experiments.claims.control_cost",
     "covrl.experiments.claims.control_transformer", "covrl.experiments.claims.regime",
 ]
