@@ -5,7 +5,9 @@ Entropy control (covrl's control values: `covrl.EntropyBonus`, `covrl.ClipHigher
 (`TransformerPolicy`), tasks with verifiable rewards (`tasks`), temperature sampling (`sample`),
 a supervised warm start (`SFTConfig`) and a GRPO loop (`make_train`, `Trainer`, `run_training`
 for long runs with checkpoints); `controlled` puts a `covrl.controllers` controller in the loop
-and `lab` holds the lab's standard setting and its comparison of methods.
+and `lab` holds the lab's standard setting and its comparison of methods. On tasks whose
+responses can all be listed (`tree.TreeTask`), `exact` trains the same policy with the exact
+expected update instead of a sampled one.
 
 Example:
   >>> import jax, covrl
@@ -17,7 +19,7 @@ Example:
   ['approx_kl', 'clip_frac', 'clip_frac_lower']
 """
 
-from covrl.transformer import controlled, lab, tasks
+from covrl.transformer import controlled, exact, lab, tasks, tree
 from covrl.transformer.config import GRPOConfig
 from covrl.transformer.grpo import Trainer, TrainState, get_trainer, make_train
 from covrl.transformer.loss import Batch, control_at, normalize_control, policy_loss
@@ -43,6 +45,7 @@ __all__ = [
     "TransformerPolicy",
     "control_at",
     "controlled",
+    "exact",
     "get_trainer",
     "init_params",
     "lab",
@@ -56,4 +59,5 @@ __all__ = [
     "sample",
     "tasks",
     "token_log_probs",
+    "tree",
 ]
