@@ -145,3 +145,9 @@ def check_weights(weights: Any, batch: int) -> jax.Array:
     if bad:
       raise ValueError(f"weights must be finite and >= 0; {bad} are not.")
   return weights
+
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+  """Raise ValueError unless `value` is an int (not a bool) >= `minimum`."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")

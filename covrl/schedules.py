@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from covrl import _checks
 from covrl._pytree import value_class
 
 Schedule = Callable[[jax.Array], jax.Array]
@@ -114,8 +115,7 @@ class GeometricRamp:
   steps: int = 1
 
   def __post_init__(self):
-    if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-      raise ValueError(f"steps must be an int >= 1, got {self.steps!r}.")
+    _checks.check_int("steps", self.steps, 1)
     values = [v for v in (self.start, self.end) if isinstance(v, int | float)]
     for v in values:
       if not _finite(v, 0.0, False):

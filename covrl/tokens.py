@@ -95,19 +95,20 @@ def policy_tokens(old_log_prob: jax.Array, log_prob: jax.Array, advantages: jax.
     _checks.check_finite_where(n, x, mask)
   dtype = _checks.result_dtype(*arrays)
   arrays = [x.astype(dtype) for x in arrays]
-  valid = finite_tokens(mask, *arrays)
+  finite = finite_tokens(mask, *arrays)
+  nonfinite = jnp.sum(mask & ~finite)
+  valid = finite
+  if weights is not None:
+    # Rows outside the population (weight 0, or not a valid weight under jit) are not used;
+    # only the non-finite inputs count in `nonfinite`.
+    weights = _checks.check_weights(weights, mask.shape[0]).astype(dtype)
+    weights = jnp.where(weights > 0, weights, 0.0)
+    valid = finite & (weights[:, None] > 0)
   # Safe values at invalid positions keep NaN out of values and gradients alike.
   old, new, adv = (jnp.where(valid, x, 0.0) for x in arrays)
   if weights is None:
-    return PolicyTokens(old, new, adv, valid, jnp.sum(mask & ~valid),
-                        jnp.sum(valid, dtype=dtype))
-  weights = _checks.check_weights(weights, mask.shape[0]).astype(dtype)
-  # Rows outside the population (weight 0, or not a valid weight under jit) are not used; only
-  # the non-finite inputs count in `nonfinite`.
-  valid = valid & (weights[:, None] > 0)
-  old, new, adv = (jnp.where(valid, x, 0.0) for x in (old, new, adv))
-  weights = jnp.where(weights > 0, weights, 0.0)
-  return PolicyTokens(old, new, adv, valid, jnp.sum(mask & ~finite_tokens(mask, *arrays)),
+    return PolicyTokens(old, new, adv, valid, nonfinite, jnp.sum(valid, dtype=dtype))
+  return PolicyTokens(old, new, adv, valid, nonfinite,
                       jnp.sum(jnp.where(valid, weights[:, None], 0.0)), weight=weights)
 
 

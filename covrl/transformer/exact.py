@@ -107,9 +107,7 @@ class ExactConfig:
     if not callable(self.return_entropy):
       covrl._checks.check_nonnegative("return_entropy", self.return_entropy)
     for name, minimum in (("num_steps", 0), ("ppo_epochs", 1), ("warmup", 0)):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
+      covrl._checks.check_int(name, getattr(self, name), minimum)
     covrl._checks.check_positive("learning_rate", self.learning_rate)
     if self.loss_agg_mode not in covrl.LOSS_AGG_MODES:
       raise ValueError(f"unknown loss_agg_mode {self.loss_agg_mode!r}; choose one of "

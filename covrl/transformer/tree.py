@@ -37,12 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from covrl import _checks
 from covrl.transformer.model import ModelConfig, TransformerPolicy
-
-
-def _int_at_least(name: str, value: Any, minimum: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,11 +64,11 @@ class TreeTask:
   min_margin: float = 1e-3
 
   def __post_init__(self):
-    _int_at_least("num_prompts", self.num_prompts, 1)
-    _int_at_least("prompt_length", self.prompt_length, 1)
-    _int_at_least("response_length", self.response_length, 1)
-    _int_at_least("num_tokens", self.num_tokens, 2)
-    _int_at_least("seed", self.seed, 0)
+    _checks.check_int("num_prompts", self.num_prompts, 1)
+    _checks.check_int("prompt_length", self.prompt_length, 1)
+    _checks.check_int("response_length", self.response_length, 1)
+    _checks.check_int("num_tokens", self.num_tokens, 2)
+    _checks.check_int("seed", self.seed, 0)
     if self.num_prompts > self.num_tokens ** self.prompt_length:
       raise ValueError(f"{self.num_prompts} distinct prompts need num_tokens ** prompt_length >= "
                        f"{self.num_prompts}, got {self.num_tokens ** self.prompt_length}.")
