@@ -126,10 +126,10 @@ def test_expected_gradient_matches_finite_differences(form):
   config = dataclasses.replace(config, model=dataclasses.replace(config.model,
                                                                  param_dtype="float64"))
   params = exact.init(config, jax.random.key(3))
-  grad = jax.grad(lambda p: exact.expected_loss(config, p, config.control, None,
-                                                return_entropy=config.return_entropy)[0])(params)
+  grad = jax.jit(jax.grad(lambda p: exact.expected_loss(
+      config, p, config.control, None, return_entropy=config.return_entropy)[0]))(params)
   soft, per_token = _objectives(task, TransformerPolicy(config.model), alpha)
-  objective = soft if form == "return" else (lambda p: per_token(p, params))
+  objective = jax.jit(soft if form == "return" else (lambda p: per_token(p, params)))
   leaves, treedef = jax.tree.flatten(params)
   direction = jax.tree.unflatten(treedef, [
       jax.random.normal(jax.random.key(i), x.shape, x.dtype) for i, x in enumerate(leaves)])
