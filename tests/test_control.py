@@ -341,6 +341,63 @@ def test_update_under_jit_equals_eager(name):
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), state, jstate)
 
 
+_NAN, _INF = float("nan"), float("inf")
+_RANGE = dict(vocab_size=4, coef_range=(0.0, 1.0))
+_RULES = {
+    "fixed": lambda: controllers.fixed(0.25, target=0.8, **_RANGE),
+    "reactive": lambda: controllers.reactive(0.8, delta=0.1, init_coef=0.2, **_RANGE),
+    "reactive_delay1": lambda: controllers.reactive(0.8, delta=0.1, init_coef=0.2, delay=1,
+                                                    **_RANGE),
+    "pid": lambda: controllers.pid(0.8, kp=0.5, ki=0.3, kd=0.2, init_coef=0.1, **_RANGE),
+    "predictive": lambda: controllers.predictive(0.8, **_RANGE),
+}
+
+
+@pytest.mark.parametrize("bad", [_NAN, _INF, -_INF])
+@pytest.mark.parametrize("name", list(_RULES))
+def test_nonfinite_measurement_raises_when_concrete(name, bad):
+  ctl = _RULES[name]()
+  with pytest.raises(ValueError, match="entropy must be finite"):
+    ctl.update(ctl.init(), jnp.float32(bad), lambda c: 0.3 * c - 0.1)
+
+
+@pytest.mark.parametrize("name", list(_RULES))
+def test_nonfinite_measurement_under_jit_is_skipped(name):
+  """Under jit a NaN or inf reading skips its update (controllers.base): that update gets the
+  previous strength, it is flagged, and every later strength and state is the one of the run
+  without the bad readings (the target is constant, so the skipped steps' clock does not
+  matter); nothing is NaN, also inside a switch."""
+  predict = lambda c: 0.3 * c - 0.1
+  clean = jnp.asarray([1.0, 0.7, 0.9, 0.5, 0.6], jnp.float32)
+  dirty = jnp.asarray([1.0, 0.7, _NAN, 0.9, _INF, -_INF, 0.5, 0.6], jnp.float32)
+  kept, bad = np.array([0, 1, 3, 6, 7]), np.array([2, 4, 5])
+
+  def run(ctl, hs):
+    def body(state, h):
+      coef, state = ctl.update(state, h, predict)
+      return state, (coef, state)
+
+    return jax.jit(lambda hs: jax.lax.scan(body, ctl.init(), hs)[1])(hs)
+
+  ctl = _RULES[name]()
+  (c_clean, s_clean), (c_dirty, s_dirty) = run(ctl, clean), run(ctl, dirty)
+  np.testing.assert_allclose(c_dirty[kept], c_clean, rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(c_dirty[bad], c_dirty[bad - 1])
+  np.testing.assert_array_equal(s_dirty.nonfinite, np.isin(np.arange(8), bad))
+  for field in s_clean._fields:
+    if field not in ("count", "nonfinite"):
+      np.testing.assert_allclose(getattr(s_dirty, field)[kept], getattr(s_clean, field),
+                                 rtol=1e-6, atol=1e-7, err_msg=field)
+  np.testing.assert_array_equal(s_dirty.count, np.arange(1, 9))
+  # The same rule as a switch's branch (the PID integral once stayed NaN there for good).
+  both = controllers.switch(1, [_RULES["fixed"](), ctl])
+  c_switch, s_switch = run(both, dirty)
+  np.testing.assert_allclose(c_switch, c_dirty, rtol=1e-6, atol=1e-7)
+  for leaf in jax.tree.leaves(s_switch):
+    if jnp.issubdtype(leaf.dtype, jnp.floating):
+      assert np.all(np.isfinite(leaf))
+
+
 # -------------------------------------------------------------------------- many devices
 
 

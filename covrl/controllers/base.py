@@ -11,7 +11,13 @@ A controller is `Controller(init, update, ...)`: `state = init()`, then before e
   predicted  [] predicted entropy change of the chosen strength (0 for controllers that do not
              predict)
   saturated  [] bool, the last strength was clipped to [c_min, c_max] or had no authority
-  nonfinite  [] bool, the last prediction was not finite and the previous strength was kept
+  nonfinite  [] bool, the last measurement or prediction was not finite and the previous
+             strength was kept
+
+A non-finite measured entropy raises when it is concrete; under jit the update it belongs to is
+skipped (`guarded`): the previous strength is returned, the rule's own state (level, integral,
+last error) is kept, `count` advances (the target path stays on the training's clock) and
+`nonfinite` is set. So a NaN reading never becomes a NaN strength or a NaN state.
 """
 
 from __future__ import annotations
@@ -122,7 +128,28 @@ def measured(entropy: Any) -> jax.Array:
   if h.ndim != 0:
     raise ValueError(f"entropy must be a scalar (the pooled, global entropy), got shape "
                      f"{h.shape}.")
+  if _checks.is_concrete(h) and not math.isfinite(float(h)):
+    raise ValueError(f"entropy must be finite, got {float(h)} (a NaN or inf measurement: "
+                     f"under jit the update is skipped and flagged in state.nonfinite).")
   return _checks.upcast(h)
+
+
+def guarded(update: Callable[..., tuple[jax.Array, Any]]) -> Callable[..., tuple[jax.Array, Any]]:
+  """`update` that skips a non-finite measurement (see the module docstring).
+
+  The rule runs on a finite stand-in (0) and its result is discarded where the measurement was
+  not finite, so no NaN reaches its arithmetic's gradients or its state.
+  """
+
+  def run(state, entropy, predict=None):
+    h = measured(entropy)
+    ok = jnp.isfinite(h)
+    coef, new = update(state, jnp.where(ok, h, jnp.zeros_like(h)), predict)
+    kept = state._replace(count=state.count + 1, nonfinite=jnp.ones((), bool))
+    new = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, kept)
+    return jnp.where(ok, coef, state.coef.astype(coef.dtype)), new
+
+  return run
 
 
 def tracking_error(path: tg.Target, count: jax.Array, entropy: Any

@@ -138,7 +138,7 @@ def predictive(
                     nonfinite=~finite,
                     num_nonfinite=state.num_nonfinite + (~finite).astype(jnp.int32))
 
-  return Controller(init, update, "predictive", (low, high), vocab_size, True)
+  return Controller(init, base.guarded(update), "predictive", (low, high), vocab_size, True)
 
 
 def _scalar(predict: Predictor, c: jax.Array) -> jax.Array:

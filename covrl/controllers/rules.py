@@ -65,9 +65,10 @@ def fixed(coef: float, *, coef_range: tuple[float, float] | None = None, target:
     del predict
     h = base.measured(entropy)
     goal = path(state.count).astype(h.dtype) if path is not None else h
-    return base.advance(state, state.coef, h.dtype, error=goal - h, target=goal)
+    return base.advance(state, state.coef, h.dtype, error=goal - h, target=goal,
+                        nonfinite=False)
 
-  return Controller(init, update, "fixed", (low, high), vocab_size, False)
+  return Controller(init, base.guarded(update), "fixed", (low, high), vocab_size, False)
 
 
 def reactive(
@@ -138,7 +139,7 @@ def reactive(
     return base.advance(state, coef, dt, level=next_level, error=error, target=goal,
                         saturated=(level <= low) | (level >= high), nonfinite=False)
 
-  return Controller(init, update, "reactive", (low, high), vocab_size, False)
+  return Controller(init, base.guarded(update), "reactive", (low, high), vocab_size, False)
 
 
 def pid_poles(kp: float, ki: float, kd: float, plant_gain: float) -> np.ndarray:
@@ -230,4 +231,4 @@ def pid(
                         error=error, target=goal, saturated=(raw > high) | (raw < low),
                         nonfinite=False)
 
-  return Controller(init, update, "pid", (low, high), vocab_size, False)
+  return Controller(init, base.guarded(update), "pid", (low, high), vocab_size, False)
