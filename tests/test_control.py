@@ -453,7 +453,10 @@ def test_fixed_controller_reproduces_the_uncontrolled_tabular_run():
   out = jax.jit(tabular.make_controlled_train(cfg, ctl, 0.5))(jax.random.key(3))
   np.testing.assert_array_equal(np.asarray(out.logits), np.asarray(plain.logits))
   np.testing.assert_array_equal(np.asarray(out.entropy[::5]), np.asarray(plain.entropy))
-  np.testing.assert_array_equal(np.asarray(out.gap[::5]), np.asarray(plain.gap))
+  # The gap is computed from equal logits by two different programs: jax 0.12 rounds one of
+  # nine values one float32 ulp apart (bit-equal with jax 0.10).
+  np.testing.assert_allclose(np.asarray(out.gap[::5]), np.asarray(plain.gap),
+                             rtol=2 * np.finfo(np.float32).eps, atol=0)
 
 
 def test_controlled_run_same_key_same_result_and_sharded_equals_one_device():
