@@ -47,6 +47,7 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 
+from covrl import _checks
 from covrl.controllers import base
 from covrl.controllers.base import Controller, Predictor
 
@@ -113,10 +114,8 @@ def predictive(
             "corrects it)")
   if solver not in SOLVERS:
     raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}.")
-  if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 0:
-    raise ValueError(f"num_iters must be an int >= 0, got {num_iters!r}.")
-  if isinstance(num_points, bool) or not isinstance(num_points, int) or num_points < 2:
-    raise ValueError(f"num_points must be an int >= 2, got {num_points!r}.")
+  _checks.check_int("num_iters", num_iters, 0)
+  _checks.check_int("num_points", num_points, 2)
 
   def init() -> PredictiveState:
     return base.report_init(PredictiveState, c0, num_nonfinite=jnp.zeros((), jnp.int32))

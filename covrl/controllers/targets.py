@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from covrl import _checks
+
 Target = Callable[[jax.Array], jax.Array]
 
 
@@ -85,8 +87,7 @@ def constant_target(value: float) -> ConstantTarget:
 
 def linear_target(init_value: float, end_value: float, num_steps: int) -> LinearTarget:
   """H*(t) moves linearly from init_value (t = 0) to end_value (t = num_steps), then stays."""
-  if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
-    raise ValueError(f"num_steps must be an int >= 1, got {num_steps!r}.")
+  _checks.check_int("num_steps", num_steps, 1)
   return LinearTarget(_check_entropy_value("init_value", init_value),
                       _check_entropy_value("end_value", end_value), num_steps)
 
@@ -131,8 +132,7 @@ def target_bounds(target: Target, num_steps: int | None = None) -> tuple[float, 
 
 def check_target(target: Target, vocab_size: int, num_steps: int | None = None) -> None:
   """Raise ValueError unless the path stays in [0, log vocab_size] (the possible entropies)."""
-  if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
-    raise ValueError(f"vocab_size must be an int >= 2, got {vocab_size!r}.")
+  _checks.check_int("vocab_size", vocab_size, 2)
   low, high = target_bounds(target, num_steps)
   top = math.log(vocab_size)
   # A path may touch the bounds; a relative slack absorbs float32 round-off of log V itself.

@@ -58,8 +58,7 @@ def check_count_options(value) -> None:
   if mbs is not None:
     if value.selection != "local":
       raise ValueError("micro_batch_size only applies to selection='local'.")
-    if isinstance(mbs, bool) or not isinstance(mbs, int) or mbs < 1:
-      raise ValueError(f"micro_batch_size must be an int >= 1, got {mbs!r}.")
+    _checks.check_int("micro_batch_size", mbs, 1)
 
 
 class Control:

@@ -205,8 +205,7 @@ class ForkingTokens(Control, PPOClip):
     if mbs is not None:
       if self.selection != "local":
         raise ValueError("micro_batch_size only applies to selection='local'.")
-      if isinstance(mbs, bool) or not isinstance(mbs, int) or mbs < 1:
-        raise ValueError(f"micro_batch_size must be an int >= 1, got {mbs!r}.")
+      _checks.check_int("micro_batch_size", mbs, 1)
 
   @classmethod
   def paper(cls) -> ForkingTokens:

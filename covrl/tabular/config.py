@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from covrl import _checks
 from covrl import methods as mt
 from covrl import schedules as sch
 from covrl.tabular import bandits as bd
@@ -88,9 +89,7 @@ class TabularConfig:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}.")
     for name in ("num_steps", "record_every", "num_samples", "group_size", "ppo_epochs",
                  "num_minibatches"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, got {value!r}.")
+      _checks.check_int(name, getattr(self, name), 1)
     if self.num_steps % self.record_every:
       raise ValueError(f"record_every={self.record_every} must divide num_steps="
                        f"{self.num_steps}.")

@@ -299,8 +299,7 @@ def grpo_expected_advantages(
 def _check_group(r: jax.Array, group_size: int, noise: str) -> None:
   if r.ndim != 1:
     raise ValueError(f"r must be [K] (vmap over states), got shape {r.shape}.")
-  if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
-    raise ValueError(f"group_size must be an int >= 2, got {group_size!r}.")
+  _checks.check_int("group_size", group_size, 2)
   if noise not in ("deterministic", "bernoulli"):
     raise ValueError(f"noise must be 'deterministic' or 'bernoulli', got {noise!r}.")
   if noise == "bernoulli" and _checks.is_concrete(r) and not np.all(

@@ -13,11 +13,6 @@ from covrl.transformer.sft import SFTConfig
 from covrl.transformer.tasks import Task
 
 
-def _count(name: str, value: Any, minimum: int = 1) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
-
-
 def _number(name: str, value: Any, *, low: float = 0.0, strict: bool = False) -> None:
   ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
   if not (ok and (value > low if strict else value >= low)):
@@ -118,12 +113,12 @@ class GRPOConfig:
     if not isinstance(self.control, covrl.Control):
       raise TypeError(f"control must be a covrl control value (covrl.NoControl(), "
                       f"covrl.KLCov(), ...), got {type(self.control).__name__}.")
-    _count("num_steps", self.num_steps, 0)
-    _count("prompts_per_step", self.prompts_per_step)
-    _count("group_size", self.group_size, 2)
+    covrl._checks.check_int("num_steps", self.num_steps, 0)
+    covrl._checks.check_int("prompts_per_step", self.prompts_per_step, 1)
+    covrl._checks.check_int("group_size", self.group_size, 2)
     _number("temperature", self.temperature, strict=True)
-    _count("ppo_epochs", self.ppo_epochs)
-    _count("num_minibatches", self.num_minibatches)
+    covrl._checks.check_int("ppo_epochs", self.ppo_epochs, 1)
+    covrl._checks.check_int("num_minibatches", self.num_minibatches, 1)
     if self.batch_size % self.num_minibatches:
       raise ValueError(f"num_minibatches={self.num_minibatches} must divide the batch of "
                        f"{self.batch_size} responses.")
@@ -146,8 +141,8 @@ class GRPOConfig:
     if not (isinstance(self.fused_chunks, tuple) and len(self.fused_chunks) == 2):
       raise ValueError(f"fused_chunks must be (token_chunk, vocab_chunk), got "
                        f"{self.fused_chunks!r}.")
-    _count("fused_chunks[0] (token_chunk)", self.fused_chunks[0])
-    _count("fused_chunks[1] (vocab_chunk)", self.fused_chunks[1])
+    covrl._checks.check_int("fused_chunks[0] (token_chunk)", self.fused_chunks[0], 1)
+    covrl._checks.check_int("fused_chunks[1] (vocab_chunk)", self.fused_chunks[1], 1)
     if not isinstance(self.diagnostics, bool):
       raise TypeError(f"diagnostics must be a bool, got {self.diagnostics!r}.")
     if self.sft is not None and not isinstance(self.sft, SFTConfig):

@@ -33,6 +33,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from covrl import _checks
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -59,12 +61,12 @@ class ModelConfig:
   param_dtype: str = "float32"
 
   def __post_init__(self):
-    _positive_int("vocab_size", self.vocab_size, minimum=2)
-    _positive_int("context_length", self.context_length, minimum=2)
-    _positive_int("num_layers", self.num_layers)
-    _positive_int("d_model", self.d_model)
-    _positive_int("num_heads", self.num_heads)
-    _positive_int("mlp_ratio", self.mlp_ratio)
+    _checks.check_int("vocab_size", self.vocab_size, 2)
+    _checks.check_int("context_length", self.context_length, 2)
+    _checks.check_int("num_layers", self.num_layers, 1)
+    _checks.check_int("d_model", self.d_model, 1)
+    _checks.check_int("num_heads", self.num_heads, 1)
+    _checks.check_int("mlp_ratio", self.mlp_ratio, 1)
     if self.d_model % self.num_heads:
       raise ValueError(
           f"d_model={self.d_model} must be a multiple of num_heads={self.num_heads}."
@@ -79,11 +81,6 @@ class ModelConfig:
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
-
-
-def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}.")
 
 
 class LayerCache(NamedTuple):
