@@ -30,7 +30,7 @@ def is_concrete(x: Any) -> bool:
 
 
 def concrete_float(x: Any) -> float | None:
-  """`x` as a Python float when it is a concrete scalar, else None."""
+  """`x` as a Python float when it is a concrete scalar, else None (lenient: see `number`)."""
   if isinstance(x, numbers.Real):
     return float(x)
   if is_concrete(x) and hasattr(x, "shape") and np.ndim(x) == 0:
@@ -41,27 +41,76 @@ def concrete_float(x: Any) -> float | None:
   return None
 
 
-def check_fraction(name: str, value: Any, *, allow_zero: bool = True) -> None:
-  """Raise ValueError unless `value` lies in [0, 1] (or (0, 1] without `allow_zero`)."""
-  v = concrete_float(value)
+def _real(name: str, value: Any) -> tuple[Any, Any]:
+  """(shape, dtype) of a real number or array; TypeError naming `name` for anything else."""
+  if isinstance(value, bool | np.bool_):
+    raise TypeError(f"{name} must be a real number, got the bool {value!r}.")
+  if isinstance(value, numbers.Real):
+    return (), None
+  shape, dtype = getattr(value, "shape", None), getattr(value, "dtype", None)
+  if shape is None or dtype is None:
+    raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}.")
+  if not (jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)):
+    raise TypeError(f"{name} must be a real number, got an array of dtype {dtype}.")
+  return tuple(shape), dtype
+
+
+def number(name: str, value: Any) -> float | None:
+  """A scalar hyperparameter as a Python float when concrete, None when traced.
+
+  The one type check of covrl's numeric hyperparameters. It accepts a Python int or float, a
+  NumPy scalar, and a zero-dimensional NumPy or JAX array of an integer or floating dtype
+  (concrete or traced). It raises TypeError naming `name` for anything else (a string such as
+  "0.2", None, a bool, a complex number, an object) and ValueError for an array with a shape (a
+  [T] value where a scalar belongs would broadcast silently); the shape is known under jit too,
+  so that error is raised when tracing. NaN and inf pass here: the range checks refuse them.
+  """
+  shape, _ = _real(name, value)
+  if shape:
+    raise ValueError(f"{name} must be a scalar, got an array of shape {shape}.")
+  if not is_concrete(value):
+    return None
+  with jax.ensure_compile_time_eval():  # a concrete array closed over by a jit
+    return float(value)
+
+
+def _values(name: str, value: Any) -> np.ndarray | None:
+  """The concrete values of a real number or array (float64, flat), None when traced; the
+  types `_real` refuses raise. Arrays are allowed here: some functions take one value per case
+  (`covrl.tabular.theory`'s alpha); the control values' fields are scalars (`number`)."""
+  _real(name, value)
+  if not is_concrete(value):
+    return None
+  with jax.ensure_compile_time_eval():
+    return np.asarray(value, np.float64).ravel()
+
+
+def _check_range(name: str, value: Any, ok: Any, rule: str) -> None:
+  v = _values(name, value)
   if v is None:
     return
-  low_ok = v >= 0.0 if allow_zero else v > 0.0
-  if not (low_ok and v <= 1.0):
-    interval = "[0, 1]" if allow_zero else "(0, 1]"
-    raise ValueError(f"{name} must be a fraction in {interval}, got {v!r}.")
+  bad = ~ok(v)
+  if bad.any():
+    first = float(v[np.argmax(bad)])
+    raise ValueError(f"{name} must be {rule}, got {first!r}.")
+
+
+def check_fraction(name: str, value: Any, *, allow_zero: bool = True) -> None:
+  """Raise unless `value` (a real number or array, `_real`) lies in [0, 1] (or (0, 1] without
+  `allow_zero`) when concrete."""
+  low = (lambda v: v >= 0.0) if allow_zero else (lambda v: v > 0.0)
+  interval = "[0, 1]" if allow_zero else "(0, 1]"
+  _check_range(name, value, lambda v: low(v) & (v <= 1.0), f"a fraction in {interval}")
 
 
 def check_nonnegative(name: str, value: Any) -> None:
-  v = concrete_float(value)
-  if v is not None and not (v >= 0.0 and np.isfinite(v)):
-    raise ValueError(f"{name} must be finite and >= 0, got {v!r}.")
+  """Raise unless `value` (a real number or array) is finite and >= 0 when concrete."""
+  _check_range(name, value, lambda v: np.isfinite(v) & (v >= 0.0), "finite and >= 0")
 
 
 def check_positive(name: str, value: Any) -> None:
-  v = concrete_float(value)
-  if v is not None and not (v > 0.0 and np.isfinite(v)):
-    raise ValueError(f"{name} must be finite and > 0, got {v!r}.")
+  """Raise unless `value` (a real number or array) is finite and > 0 when concrete."""
+  _check_range(name, value, lambda v: np.isfinite(v) & (v > 0.0), "finite and > 0")
 
 
 def check_float_array(name: str, x: Any) -> jax.Array:
@@ -145,6 +194,36 @@ def check_weights(weights: Any, batch: int) -> jax.Array:
     if bad:
       raise ValueError(f"weights must be finite and >= 0; {bad} are not.")
   return weights
+
+
+def undefined_outside_vocab(log_prob: jax.Array, ids: jax.Array, vocab: int,
+                            mask: jax.Array | None = None) -> jax.Array:
+  """`log_prob` with NaN at the (valid) positions whose id lies outside [0, vocab).
+
+  An id outside the vocabulary has no probability: a gather or a one-hot match would report a
+  plausible number (a wrapped index, -logsumexp), NaN marks it undefined, so that the losses
+  leave the token out and count it in `nonfinite_tokens` like any other undefined token. Read
+  the ids as given (before any int32 cast, so a wide id cannot wrap into range). jnp.where
+  sends the cotangent of the unselected branch to zero: nothing non-finite reaches a gradient.
+  """
+  outside = (ids < 0) | (ids >= vocab)
+  if mask is not None:
+    outside = outside & mask
+  return jnp.where(outside, jnp.nan, log_prob)
+
+
+def check_ids(name: str, ids: Any, vocab: int) -> jax.Array:
+  """`ids` as an integer array; raises TypeError for another dtype and, when concrete,
+  ValueError for an id outside [0, vocab) (one scalar to the host)."""
+  ids = jnp.asarray(ids)
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}.")
+  if is_concrete(ids):
+    with jax.ensure_compile_time_eval():
+      count = int(jnp.sum((ids < 0) | (ids >= vocab)))
+    if count:
+      raise ValueError(f"{name} has {count} id(s) outside [0, {vocab}).")
+  return ids
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:

@@ -135,24 +135,70 @@ class GeometricRamp:
 value_class(GeometricRamp, static=("steps",))
 
 
-def value_at(coef: Coefficient, step: jax.Array | int | None, name: str = "coef") -> Any:
+@dataclasses.dataclass(frozen=True)
+class Range:
+  """The values a scheduled field accepts: `[low, high]`, or `(low, high]` with `low_open`.
+
+  `value_at` checks a schedule's value against it at the step it is used: a concrete value
+  outside raises; under jit the value is clamped into it (see `value_at`).
+  """
+
+  low: float = 0.0
+  high: float = math.inf
+  low_open: bool = False
+
+  def __contains__(self, v: float) -> bool:
+    above = v > self.low if self.low_open else v >= self.low
+    return math.isfinite(v) and above and v <= self.high
+
+  def __str__(self) -> str:
+    if self.high == math.inf:
+      return f"finite and {'>' if self.low_open else '>='} {self.low:g}"
+    return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}]"
+
+  def clamp(self, value: jax.Array) -> jax.Array:
+    """`value` clamped into the range; a NaN or an infinity gives the lower end (an open lower
+    end: the dtype's smallest positive normal number)."""
+    value = jnp.asarray(value)
+    dtype = value.dtype if jnp.issubdtype(value.dtype, jnp.floating) else jnp.float32
+    value = value.astype(dtype)
+    low = jnp.finfo(dtype).tiny if self.low_open and self.low == 0 else self.low
+    low = jnp.asarray(low, dtype)
+    return jnp.where(jnp.isfinite(value), jnp.clip(value, low, self.high), low)
+
+
+#: Every coefficient, ratio and strength of covrl lies in one of these.
+NONNEGATIVE = Range()
+FRACTION = Range(0.0, 1.0)
+
+
+def value_at(coef: Coefficient, step: jax.Array | int | None, name: str = "coef",
+             domain: Range = NONNEGATIVE) -> Any:
   """A coefficient's value at `step`: the number itself, or the schedule evaluated there.
 
   A number is returned as it is (a Python float stays a Python float, so that callers keep
-  exact host arithmetic where they have it); a schedule needs `step`. Every coefficient, ratio
-  and strength in covrl is >= 0, so a schedule's value is checked (finite and >= 0) when it is
-  concrete (an eager call); under jit it is not.
+  exact host arithmetic where they have it; the field's own checks have run when it was set). A
+  schedule needs `step`, and its value must be a scalar (else ValueError, also under jit). When
+  that value is concrete (an eager call) and outside `domain` (by default finite and >= 0; each
+  field passes its own: a fraction's [0, 1], STEER's (0, 1]) it raises ValueError naming the
+  field and the step. Under jit it cannot raise: the value is clamped into `domain`, and a NaN
+  or an infinity gives the domain's lower end, so a schedule that leaves the range never puts
+  a NaN or an out-of-range value into a loss.
   """
   if callable(coef):
     if step is None:
       raise ValueError(f"{name} is a schedule: pass the optimisation step as `step=`.")
     value = coef(step)
-    if not isinstance(value, jax.core.Tracer) and jnp.ndim(value) == 0:
+    if jnp.ndim(value) != 0:
+      raise ValueError(f"{name}'s schedule must give a scalar, got shape {jnp.shape(value)} at "
+                       f"step {step!r}.")
+    if not isinstance(value, jax.core.Tracer):
       v = float(value)
-      if not (math.isfinite(v) and v >= 0.0):
+      if v not in domain:
         raise ValueError(f"{name}'s schedule gave {v!r} at step {step!r}; its values must be "
-                         "finite and >= 0.")
-    return value
+                         f"{domain}.")
+      return value
+    return domain.clamp(value)
   return coef
 
 

@@ -24,11 +24,38 @@ def register(name: str, static: tuple[str, ...] = ()):
   def wrap(cls):
     cls = dataclasses.dataclass(frozen=True)(cls)
     cls.name = name
+    own_check = getattr(cls, "__post_init__", None)  # its own, or the one it inherits
+
+    def post_init(self):
+      check_field_types(self)
+      if own_check is not None:
+        own_check(self)
+
+    cls.__post_init__ = post_init
     value_class(cls, static=static)
     METHODS[name] = cls
     return cls
 
   return wrap
+
+
+def check_field_types(value: Control) -> None:
+  """The type check every control value runs first, on each of its numeric fields.
+
+  A numeric field (one whose default is a number or None, or that has no default) holds a
+  number or a scalar array (`covrl._checks.number`: a string, a bool or an array with a shape
+  raises TypeError / ValueError naming the field), a schedule (a callable, which the class
+  checks), or None where None means "off" (a default of None, or a field in `nullable`). The
+  fields whose default is a string (`selection`, `mapping`, `band`) are checked by the class.
+  """
+  nullable = {n for c in type(value).__mro__ for n in vars(c).get("nullable", ())}
+  for f in dataclasses.fields(value):
+    default, v = f.default, getattr(value, f.name)
+    if isinstance(default, str) or callable(v):
+      continue
+    if v is None and (default is None or f.name in nullable):
+      continue
+    _checks.number(f.name, v)
 
 
 def check_coefficient(name: str, value: Any) -> None:
@@ -88,6 +115,9 @@ class Control:
   needs_entropy: ClassVar[bool] = False
   coefficient_field: ClassVar[str | None] = None
   ratio_field: ClassVar[str | None] = None
+  #: The range of each schedulable field whose range is not "finite and >= 0" (a fraction's
+  #: [0, 1], STEER's (0, 1]): `value_of` checks a schedule's value against it at each step.
+  ranges: ClassVar[dict[str, sch.Range]] = {}
 
   # ------------------------------------------------------------------ strength and schedules
   def replace(self, **fields: Any) -> Control:
@@ -110,11 +140,27 @@ class Control:
       raise ValueError(f"{type(self).__name__} has no strength to set.")
     return self.replace(**{self.strength: value})
 
+  def range_of(self, name: str) -> sch.Range:
+    """The values field `name` accepts: its entry in `ranges`; for the ratio field [0, b] with b
+    the static bound on the selected share (`max_ratio`, else the schedule's own bound, else 1);
+    else finite and >= 0."""
+    if name == self.ratio_field:
+      bound = getattr(self, "max_ratio", None)
+      bound = sch.upper_bound(getattr(self, name)) if bound is None else bound
+      return sch.Range(0.0, 1.0 if bound is None else min(1.0, float(bound)))
+    return self.ranges.get(name, sch.NONNEGATIVE)
+
+  def value_of(self, name: str, step: jax.Array | int | None) -> Any:
+    """Field `name`'s value at `step`: a number as it is, a schedule evaluated and checked
+    against the field's range (`range_of`; see `covrl.schedules.value_at`: a concrete value
+    outside raises, a traced one is clamped into it)."""
+    return sch.value_at(getattr(self, name), step, name, self.range_of(name))
+
   def strength_at(self, step: jax.Array | int | None) -> Any:
-    """The strength's value at `step` (its schedule evaluated; a number as it is)."""
+    """The strength's value at `step` (its schedule evaluated and checked; a number as it is)."""
     if self.strength is None:
       raise ValueError(f"{type(self).__name__} has no strength.")
-    return sch.value_at(getattr(self, self.strength), step, self.strength)
+    return self.value_of(self.strength, step)
 
   @property
   def annealed(self) -> bool:
@@ -186,6 +232,10 @@ class Control:
 
 class PPOClip:
   """The clip range of PPO's surrogate, verl's names: clip_ratio, overridden per side."""
+
+  #: Numeric fields that may be None (it switches that part of the loss off) although their
+  #: default is a number (`check_field_types`).
+  nullable: ClassVar[tuple[str, ...]] = ("clip_ratio", "clip_ratio_c")
 
   def clip_range(self) -> tuple[Any, Any]:
     low = self.clip_ratio if self.clip_ratio_low is None else self.clip_ratio_low

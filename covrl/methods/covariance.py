@@ -122,8 +122,7 @@ class ClipCov(Control, PPOClip, CovarianceSelection):
       lb, ub = lb * spread, ub * spread
     # As in the reference, tokens the PPO clip already clips are not candidates.
     return sel.clip_cov_select(
-        cov, tokens.valid, key=key, ratio=sch.value_at(self.clip_cov_ratio, step,
-                                                       "clip_cov_ratio"),
+        cov, tokens.valid, key=key, ratio=self.value_of("clip_cov_ratio", step),
         lb=lb, ub=ub, eligible=~(surrogate.clipped & tokens.valid),
         min_count=self.min_count, max_ratio=self._count_bound(self.clip_cov_ratio),
         axis_name=axis_name, row_offset=row_offset, weights=tokens.weight)
@@ -214,7 +213,7 @@ class KLCov(Control, CovarianceSelection):
              row_offset=0):
     del surrogate, key, row_offset
     return sel.kl_cov_select(
-        cov, tokens.valid, ratio=sch.value_at(self.kl_cov_ratio, step, "kl_cov_ratio"),
+        cov, tokens.valid, ratio=self.value_of("kl_cov_ratio", step),
         min_count=self.min_count, max_ratio=self._count_bound(self.kl_cov_ratio),
         axis_name=axis_name, weights=tokens.weight)
 

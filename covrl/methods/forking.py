@@ -192,6 +192,7 @@ class ForkingTokens(Control, PPOClip):
   micro_batch_size: int | None = None
 
   strength: ClassVar[str] = "top_entropy_quantile"
+  ranges: ClassVar[dict[str, sch.Range]] = {"top_entropy_quantile": sch.FRACTION}
   selects_tokens: ClassVar[bool] = True
   needs_entropy: ClassVar[bool] = True
 
@@ -218,7 +219,7 @@ class ForkingTokens(Control, PPOClip):
   def select(self, tokens, cov, surrogate, *, key=None, step=None, axis_name=None,
              row_offset=0):
     del cov, surrogate, key, row_offset
-    rho = sch.value_at(self.top_entropy_quantile, step, "top_entropy_quantile")
+    rho = self.value_of("top_entropy_quantile", step)
     return high_entropy_select(tokens.entropy, tokens.valid, top_entropy_quantile=rho,
                                axis_name=axis_name, weights=tokens.weight)
 

@@ -40,6 +40,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from covrl import _checks
+from covrl import schedules as sch
 from covrl.methods.base import Control, PPOClip, register
 from covrl.tokens import PolicyTokens, Surrogate, ratio
 
@@ -72,6 +73,7 @@ class STEER(Control, PPOClip):
   clip_ratio_c: Any = 3.0
 
   strength: ClassVar[str] = "token_weight_min"
+  ranges: ClassVar[dict[str, sch.Range]] = {"token_weight_min": sch.Range(0.0, 1.0, low_open=True)}
   reweights_tokens: ClassVar[bool] = True
   needs_entropy: ClassVar[bool] = True
 

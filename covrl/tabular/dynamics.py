@@ -82,7 +82,7 @@ def control_at(config: TabularConfig, t: jax.Array, hyper, strength: Any = None,
       callable(getattr(control, field))):
     # Another scheduled strength (clip-higher's upper clip, forking tokens' quantile, ...):
     # its value at step t.
-    fields[field] = getattr(control, field)(t)
+    fields[field] = control.value_of(field, t)
   if strength is not None:
     fields[control.strength] = strength
     if control.strength == control.ratio_field:

@@ -103,10 +103,10 @@ def control_at(control: covrl.Control, step: jax.Array | int) -> tuple[covrl.Con
   fields: dict[str, Any] = {}
   coef = jnp.zeros((), jnp.float32)
   if control.coefficient_field is not None:
-    coef = schedules.value_at(getattr(control, control.coefficient_field), step)
+    coef = control.value_of(control.coefficient_field, step)
     fields[control.coefficient_field] = coef
   for name in {control.ratio_field, control.strength} - {None, control.coefficient_field}:
-    fields[name] = schedules.value_at(getattr(control, name), step)
+    fields[name] = control.value_of(name, step)
   return control.replace(**fields), coef
 
 
