@@ -219,8 +219,10 @@ def policy_loss(
       _checks.check_same_shape(("entropy", "response_mask"), (given, response_mask))
     coef = control.bonus_coefficient(step)
     if coef is not None:
+      # The bonus reads the validated tokens, as every other term does: a token left out of
+      # the policy loss (a NaN or inf input, a row outside the population) is left out of it.
       bonus, bonus_metrics = entropy_bonus_loss(
-          logits, response_mask, coef=coef, temperature=temperature, entropy=given,
+          logits, tokens.valid, coef=coef, temperature=temperature, entropy=given,
           loss_agg_mode=loss_agg_mode, denominator=denominator, horizon=horizon,
           axis_name=axis_name, weights=weights)
       loss = loss + bonus
@@ -290,7 +292,7 @@ def entropy_bonus_loss(
     entropy = _checks.check_float_array("entropy", entropy)
     _checks.check_same_shape(("entropy", "response_mask"), (entropy, response_mask), rank=2)
   mask = _checks.as_mask("response_mask", response_mask)
-  coef = sch.value_at(coef, step)
+  coef = sch.value_at(coef, step, "coef")
   _checks.check_nonnegative("coef", coef)
   coef = jnp.asarray(coef)
   if logits is not None:
