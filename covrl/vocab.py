@@ -23,10 +23,13 @@ never formed as a difference of large moments.
 Conventions as in the rest of covrl: bfloat16 inputs, float32 accumulation (float64 stays
 float64); a vocabulary entry with `vocab_mask` False (or bias -inf) has probability 0 and
 contributes nothing to values or gradients; positions with `mask` False get 0 with zero
-gradient, whatever their hidden state holds (NaN included). Every output is per token, so the
-functions need no `axis_name`: call them on a shard inside `shard_map`, or under `jax.jit` on a
-token axis sharded over a mesh (the token chunks are strided so that each chunk takes the same
-share of every device's tokens). Feed the outputs to the losses as they are:
+gradient, whatever their hidden state holds (NaN included). A token id outside [0, V) at a valid
+position raises when the ids are concrete; under jit its log_prob is NaN (an id outside the
+vocabulary has no probability), with zero gradient, so that the losses leave the token out and
+count it in `nonfinite_tokens`, as they do any other undefined token. Every output is per
+token, so the functions need no `axis_name`: call them on a shard inside `shard_map`, or under
+`jax.jit` on a token axis sharded over a mesh (the token chunks are strided so that each chunk
+takes the same share of every device's tokens). Feed the outputs to the losses as they are:
 `covrl.policy_loss(control, old_log_prob, log_prob, advantages, mask, entropy=entropy)` for any
 control (the entropy bonus differentiates through `entropy`; Clip-Cov, KL-Cov and the global
 selection read `log_prob`), or the verl-named losses with the same keywords.
@@ -198,7 +201,9 @@ def token_log_probs_and_entropy(
     hidden: [..., D] final hidden states (the input of the output projection), any float dtype;
       bfloat16 is multiplied with float32 accumulation.
     kernel: [D, V] output projection (a Flax `nn.Dense` kernel).
-    tokens: [...] int sampled token ids, in [0, V) at valid positions.
+    tokens: [...] int sampled token ids, in [0, V) at valid positions. An id outside [0, V) at
+      a valid position raises ValueError when tokens (and mask) are concrete; under jit it gets
+      a NaN log_prob (see Returns).
     bias: optional [V] output bias.
     mask: optional [...] 0/1 or bool; False marks padding, which gets 0 and a zero gradient
       whatever hidden holds there. All valid when None.
@@ -208,7 +213,10 @@ def token_log_probs_and_entropy(
 
   Returns:
     (log_prob, entropy), each [...] in float32 (float64 for float64 inputs); 0 where mask is
-    False. log_prob is -inf for a token whose vocabulary entry is masked, as in the unfused path.
+    False. log_prob is -inf for a token whose vocabulary entry is masked, as in the unfused path,
+    and NaN (with zero gradient) for an id outside [0, V) at a valid position under jit: the
+    losses leave such a token out and count it in `nonfinite_tokens`. The entropy there is that
+    of the position's distribution, which does not depend on the id, and stays as it is.
 
   Example:
     A Flax policy exposes the hidden states before its head, and the loss applies the head
@@ -253,7 +261,8 @@ def token_log_probs_and_entropy(
   temperature = jnp.asarray(temperature, dtype)
   union = ch.zeros((), dtype, hidden, kernel, bias, tokens, mask, vocab_mask, temperature)
   hidden, kernel, bias = (ch.vary_like(a, union) for a in (hidden, kernel, bias))
-  return _fused(plan, hidden, kernel, bias, tokens, mask, vocab_mask, temperature)
+  logp, ent = _fused(plan, hidden, kernel, bias, tokens, mask, vocab_mask, temperature)
+  return _checks.undefined_outside_vocab(logp, tokens, plan.vocab, mask), ent
 
 
 # ----------------------------------------------------------------------------------------------

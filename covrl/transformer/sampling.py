@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from covrl import _checks
 from covrl.transformer import tasks as tasks_lib
 from covrl.transformer.model import TransformerPolicy, init_cache
 
@@ -232,5 +233,17 @@ def response_hidden(model: TransformerPolicy, params: Any, prompts: jax.Array,
 
 
 def token_log_probs(logits: jax.Array, tokens: jax.Array) -> jax.Array:
-  """log softmax(logits)[token] for [B, R, V] logits and [B, R] tokens."""
-  return jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], axis=-1)[..., 0]
+  """log softmax(logits)[token] for [B, R, V] logits and [B, R] tokens.
+
+  An id outside [0, V) raises ValueError when `tokens` is concrete; under jit its log-prob is NaN
+  (not the wrapped or clamped index a gather would read), which the losses leave out and count
+  in `nonfinite_tokens`, as `covrl.token_log_probs_and_entropy` does.
+  """
+  if jnp.shape(tokens) != jnp.shape(logits)[:-1]:
+    raise ValueError(f"tokens must be logits.shape[:-1] = {jnp.shape(logits)[:-1]}, got shape "
+                     f"{jnp.shape(tokens)}.")
+  vocab = logits.shape[-1]
+  tokens = _checks.check_ids("tokens", tokens, vocab)
+  inside = jnp.clip(tokens, 0, vocab - 1)
+  log_prob = jnp.take_along_axis(jax.nn.log_softmax(logits), inside[..., None], axis=-1)[..., 0]
+  return _checks.undefined_outside_vocab(log_prob, tokens, vocab)
