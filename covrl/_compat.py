@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 
 import jax
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 def enable_x64(enabled: bool = True) -> contextlib.AbstractContextManager:
@@ -31,10 +31,12 @@ def unsharded(x: jax.Array) -> jax.Array:
   Some operations (`lax.top_k` along a sharded axis) refuse an explicitly sharded operand; the
   exact global selection needs all of the (small, one score per token) array anyway, so it is
   gathered once. Under Auto axes and shard_map, arrays carry no explicit sharding and pass
-  through unchanged.
+  through unchanged. The target is a NamedSharding on the array's own mesh, so no mesh context
+  (`jax.set_mesh`) is needed around the call: arrays put on a mesh and passed to a jitted
+  function are enough, as the README says.
   """
   sharding = getattr(jax.typeof(x), "sharding", None)
   spec = getattr(sharding, "spec", None)
   if spec is None or all(axis is None for axis in spec):
     return x
-  return jax.sharding.reshard(x, PartitionSpec())
+  return jax.sharding.reshard(x, NamedSharding(sharding.mesh, PartitionSpec()))
