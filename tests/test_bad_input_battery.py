@@ -10,6 +10,7 @@ against eager and key reproducibility. The example budget is fixed (derandomized
 the same cases every time.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -330,3 +331,105 @@ def test_aggregate_arguments(mode, shape, horizon, den):
   assert np.isfinite(float(out.value))
   if x.size == 0:
     assert float(out.value) == 0.0
+
+
+# ----------------------------------------------------------------- round three (issue 21)
+NUMERIC_FIELDS = [(name, f.name) for name, cls in sorted(covrl.METHODS.items())
+                  for f in dataclasses.fields(cls) if not isinstance(f.default, str)]
+NOT_A_NUMBER = ["0.2", "nan", b"1", True, np.bool_(False), 1j, [0.1], (0.1,), {},
+                np.ones(2, np.float32), np.zeros((1, 1)), np.array("0.2"), object()]
+
+
+@settings(BUDGET, max_examples=24)
+@given(st.sampled_from(NUMERIC_FIELDS), st.sampled_from(NOT_A_NUMBER))
+def test_hyperparameter_types_raise_naming_the_field(field, value):
+  name, field_name = field
+  cls = covrl.METHODS[name]
+  base = {"entropy_coeff": 0.1} if cls is covrl.EntropyBonus else {}
+  with pytest.raises((TypeError, ValueError), match=field_name):
+    cls(**{**base, field_name: value})
+
+
+# (class, field, the field's range as documented: low, high, low end open).
+SCHEDULED_FIELDS = [
+    (covrl.EntropyBonus, "entropy_coeff", 0.0, np.inf, False),
+    (covrl.KLCov, "ppo_kl_coef", 0.0, np.inf, False),
+    (covrl.KLCov, "kl_cov_ratio", 0.0, 1.0, False),
+    (covrl.ForkingTokens, "top_entropy_quantile", 0.0, 1.0, False),
+    (covrl.EntropyAdvantage, "alpha", 0.0, np.inf, False),
+    (covrl.WReinforce, "positive_advantage_weight", 0.0, np.inf, False),
+    (covrl.STEER, "token_weight_min", 0.0, 1.0, True),
+]
+SCHEDULE_VALUES = [-1.0, -1e-6, 0.0, 1e-3, 0.3, 1.0, 1.5, 40.0, np.nan, np.inf, -np.inf]
+
+
+def _with_schedule(cls, field, schedule):
+  extra = {"max_ratio": 1.0} if field == "kl_cov_ratio" else {}
+  base = {"entropy_coeff": 0.1} if cls is covrl.EntropyBonus and field != "entropy_coeff" else {}
+  return cls(**{**base, field: schedule, **extra})
+
+
+@functools.cache
+def _scheduled_loss(index):
+  cls, field, *_ = SCHEDULED_FIELDS[index]
+
+  def loss(value, arrays, logits):
+    control = _with_schedule(cls, field, lambda step: value)
+    return covrl.policy_loss(control, *arrays, logits=logits, step=0)[0]
+  return jax.jit(loss)
+
+
+@settings(BUDGET, max_examples=16)
+@given(st.integers(0, len(SCHEDULED_FIELDS) - 1), st.sampled_from(SCHEDULE_VALUES))
+def test_scheduled_values_are_checked_at_the_step(index, value):
+  """Eagerly a schedule's value outside the field's range raises naming the field; under jit
+  the loss is that of the value clamped into the range (NaN and inf: its lower end)."""
+  cls, field, low, high, low_open = SCHEDULED_FIELDS[index]
+  rng = np.random.default_rng(index)
+  shape = (2, 3)
+  old = -rng.exponential(1.0, shape).astype(np.float32)
+  arrays = (old, old + 0.2 * rng.normal(size=shape).astype(np.float32),
+            rng.normal(size=shape).astype(np.float32), np.ones(shape, np.float32))
+  logits = rng.normal(size=(*shape, V)).astype(np.float32)
+  inside = np.isfinite(value) and (value > low if low_open else value >= low) and value <= high
+  control = _with_schedule(cls, field, lambda step: jnp.float32(value))
+  if inside:
+    covrl.policy_loss(control, *arrays, logits=logits, step=0)
+  else:
+    with pytest.raises(ValueError, match=field):
+      covrl.policy_loss(control, *arrays, logits=logits, step=0)
+  floor = float(np.finfo(np.float32).tiny) if low_open else low
+  clamped = float(np.float32(min(max(value, floor), high))) if np.isfinite(value) else floor
+  got = _scheduled_loss(index)(jnp.float32(value), arrays, logits)
+  want = covrl.policy_loss(_with_schedule(cls, field, clamped), *arrays, logits=logits)[0]
+  np.testing.assert_allclose(float(got), float(want), rtol=1e-6, atol=1e-7)
+
+
+@functools.cache
+def _fused(shape):
+  del shape  # one compiled program per shape
+  return jax.jit(lambda h, k, ids, m: covrl.token_log_probs_and_entropy(h, k, ids, mask=m,
+                                                                        token_chunk=2))
+
+
+@settings(BUDGET, max_examples=12)
+@given(st.sampled_from([(2, 3), (0, 3), (4,)]), st.integers(0, 2**16))
+def test_fused_vocabulary_ids_outside_raise_or_are_left_out(shape, seed):
+  rng = np.random.default_rng(seed)
+  d = 4
+  hidden = rng.normal(size=(*shape, d)).astype(np.float32)
+  kernel = rng.normal(size=(d, V)).astype(np.float32)
+  ids = rng.integers(-2, V + 2, shape)
+  mask = rng.random(shape) < 0.7
+  outside = ((ids < 0) | (ids >= V)) & mask
+  if outside.any():
+    with pytest.raises(ValueError, match="tokens"):
+      covrl.token_log_probs_and_entropy(hidden, kernel, ids, mask=mask)
+  log_prob, _ = _fused(shape)(hidden, kernel, ids, mask)
+  log_prob = np.asarray(log_prob)
+  assert np.all(np.isnan(log_prob[outside])) and np.all(np.isfinite(log_prob[~outside]))
+  reference = np.asarray(jax.nn.log_softmax(hidden.astype(np.float64) @ kernel.astype(
+      np.float64)))
+  inside = mask & ~outside
+  want = np.take_along_axis(reference, np.clip(ids, 0, V - 1)[..., None], -1)[..., 0]
+  np.testing.assert_allclose(log_prob[inside], want[inside], rtol=1e-5, atol=1e-5)
