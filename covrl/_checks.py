@@ -196,6 +196,12 @@ def check_weights(weights: Any, batch: int) -> jax.Array:
   return weights
 
 
+def outside_vocab(ids: jax.Array, vocab: int, mask: jax.Array | None = None) -> jax.Array:
+  """[...] bool: the (valid, where `mask` is given) positions whose id lies outside [0, vocab)."""
+  outside = (ids < 0) | (ids >= vocab)
+  return outside if mask is None else outside & mask
+
+
 def undefined_outside_vocab(log_prob: jax.Array, ids: jax.Array, vocab: int,
                             mask: jax.Array | None = None) -> jax.Array:
   """`log_prob` with NaN at the (valid) positions whose id lies outside [0, vocab).
@@ -206,10 +212,7 @@ def undefined_outside_vocab(log_prob: jax.Array, ids: jax.Array, vocab: int,
   the ids as given (before any int32 cast, so a wide id cannot wrap into range). jnp.where
   sends the cotangent of the unselected branch to zero: nothing non-finite reaches a gradient.
   """
-  outside = (ids < 0) | (ids >= vocab)
-  if mask is not None:
-    outside = outside & mask
-  return jnp.where(outside, jnp.nan, log_prob)
+  return jnp.where(outside_vocab(ids, vocab, mask), jnp.nan, log_prob)
 
 
 def check_ids(name: str, ids: Any, vocab: int) -> jax.Array:
@@ -220,7 +223,7 @@ def check_ids(name: str, ids: Any, vocab: int) -> jax.Array:
     raise TypeError(f"{name} must hold integer token ids, got dtype {ids.dtype}.")
   if is_concrete(ids):
     with jax.ensure_compile_time_eval():
-      count = int(jnp.sum((ids < 0) | (ids >= vocab)))
+      count = int(jnp.sum(outside_vocab(ids, vocab)))
     if count:
       raise ValueError(f"{name} has {count} id(s) outside [0, {vocab}).")
   return ids

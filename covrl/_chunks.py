@@ -111,11 +111,7 @@ def check_values(tokens, mask, vocab_mask, vocab: int) -> None:
       mask is not None and not _checks.is_concrete(mask)):
     return
 
-  def out_of_range():
-    out = (tokens < 0) | (tokens >= vocab)
-    return jnp.sum(out if mask is None else out & mask)
-
-  count = on_device(out_of_range)
+  count = on_device(lambda: jnp.sum(_checks.outside_vocab(tokens, vocab, mask)))
   if count:
     raise ValueError(f"tokens has {count} id(s) outside [0, {vocab}) at valid positions.")
 
