@@ -27,7 +27,8 @@ def register(name: str, static: tuple[str, ...] = ()):
     own_check = getattr(cls, "__post_init__", None)  # its own, or the one it inherits
 
     def post_init(self):
-      check_field_types(self)
+      if type(self) is cls:  # once, by the registration of the value's own class (a subclass's
+        check_field_types(self)  # own check may call this one through super())
       if own_check is not None:
         own_check(self)
 
