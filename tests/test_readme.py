@@ -1,18 +1,20 @@
-"""The README's code runs as written (with a tiny model standing in for `policy_apply`)."""
+"""The README's code runs as written: its Python blocks (with a tiny model standing in for
+`policy_apply`), and its shell commands as far as a test can run them (the install lines name
+extras that exist and install from the clone or the repository, the `covrl` commands parse)."""
 
-import pathlib
 import re
+import shlex
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
+from _docs import REPOSITORY, ROOT, code_blocks, commands, install_problems
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
+README = ROOT / "README.md"
 
 
 def python_blocks() -> list[str]:
-  return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+  return code_blocks(README.read_text(), "python")
 
 
 def test_the_loss_example_trains_a_step():
@@ -41,56 +43,53 @@ def test_the_loss_example_trains_a_step():
 
 def test_the_transform_example_builds():
   namespace = {}
-  exec("import optax, covrl\n" + python_blocks()[1], namespace)
+  exec(python_blocks()[1], namespace)
   z = jnp.array([1.0, 0.0, -1.0])
   opt = namespace["opt"]
   updates, _ = opt.update(jnp.zeros(3), opt.init(z), z)
   assert np.all(np.isfinite(np.asarray(updates)))
 
 
-def test_the_vocabulary_scale_example_equals_the_logits_loss():
-  """The fused loss (third block) on a small Flax policy equals the first block's loss, which
-  materialises the logits, in value, metrics and gradient."""
-  nn = pytest.importorskip("flax.linen")
-  import covrl
+def test_every_python_block_is_run_above():
+  assert len(python_blocks()) == 2
 
-  class Policy(nn.Module):
-    vocab: int
 
-    def setup(self):
-      self.emb, self.head = nn.Embed(self.vocab, 8), nn.Dense(self.vocab)
+def test_install_lines_work_as_written():
+  lines = commands(README.read_text())
+  assert any("pip install -e" in line for line in lines)
+  assert any(f"@ {REPOSITORY}" in line for line in lines)
+  assert install_problems(lines) == []
 
-    def hidden(self, tokens):
-      return jnp.tanh(self.emb(tokens))
 
-    def __call__(self, tokens):
-      return self.head(self.hidden(tokens))
+def test_the_install_check_finds_lines_that_fail():
+  assert install_problems(['pip install "covrl[tunix]"'])  # from an index
+  assert install_problems(["pip install covrl"])
+  assert install_problems(['pip install -e ".[nosuchextra]"'])
+  assert not install_problems(['pip install -q "covrl[tunix] @ git+https://github.com/covrl/covrl"'
+                               ' "flax==0.12.0"'])
 
-  vocab, b, t = 11, 3, 5
-  model = Policy(vocab)
-  control = covrl.EntropyBonus(0.05)
-  plain = {"policy_apply": lambda p, tokens: model.apply({"params": p}, tokens)}
-  exec(python_blocks()[0], plain)
-  fused = {"model": model, "covrl": covrl}
-  exec(python_blocks()[2], fused)
-  rng = np.random.default_rng(1)
-  tokens = jnp.asarray(rng.integers(0, vocab, (b, t)))
-  params = model.init(jax.random.key(0), tokens)["params"]
-  batch = {"tokens": tokens, "responses": tokens,
-           "old_log_prob": jnp.asarray(-rng.exponential(size=(b, t)) - 1.0, jnp.float32),
-           "advantages": jnp.asarray(rng.normal(size=(b, t)), jnp.float32),
-           "response_mask": jnp.asarray(rng.random((b, t)) > 0.2)}
-  plain["control"] = fused["control"] = control
-  out = [jax.value_and_grad(ns["loss_fn"], has_aux=True)(params, batch, jax.random.key(1), 0)
-         for ns in (plain, fused)]
-  (loss_p, metrics_p), grads_p = out[0]
-  (loss_f, metrics_f), grads_f = out[1]
-  eps = np.finfo(np.float32).eps
-  np.testing.assert_allclose(loss_f, loss_p, atol=64 * eps)
-  # loss_entropy_change needs the logits: the logits path only.
-  assert sorted(metrics_f) == sorted(set(metrics_p) - {"loss_entropy_change"})
-  for k in metrics_f:
-    np.testing.assert_allclose(metrics_f[k], metrics_p[k], atol=64 * eps * max(
-        1.0, abs(float(metrics_p[k]))), err_msg=k)
-  for a, c in zip(jax.tree.leaves(grads_f), jax.tree.leaves(grads_p)):
-    np.testing.assert_allclose(a, c, atol=64 * eps * max(1e-3, float(jnp.max(jnp.abs(c)))))
+
+def test_the_covrl_commands_parse():
+  from covrl.experiments import cli
+
+  found = [part.split("covrl ", 1)[1] for line in commands(README.read_text())
+           for part in line.split("&&") if re.search(r"(^|/)covrl (reproduce|list)", part.strip())]
+  assert any(c.startswith("reproduce") for c in found), found
+  for command in found:
+    cli._parser().parse_args(shlex.split(command))  # SystemExit on an option that does not exist
+
+
+def test_the_bibtex_entry_is_well_formed():
+  (entry,) = code_blocks(README.read_text(), "bibtex")
+  assert entry.count("{") == entry.count("}")
+  for field in ("author", "title", "year", "url"):
+    assert re.search(rf"^\s*{field}\s*=", entry, flags=re.M), field
+
+
+def test_no_measured_numbers_or_issue_numbers():
+  """Measured numbers live where they are generated (the report, the benchmarks); the front
+  page holds none, and no references to the project's issues."""
+  text = README.read_text()
+  assert not re.search(r"\bissues? \d+", text, flags=re.I)
+  assert not re.search(r"\d+(\.\d+)?\s*(min|minutes|ms|GiB|MiB|tokens per second)\b", text)
+  assert len(text.splitlines()) <= 200
