@@ -78,3 +78,37 @@ def test_every_notebook_is_tested_and_installs_covrl_when_missing():
     first_code = next(c for c in __import__("json").loads(
         (ROOT / "notebooks" / f"{name}.ipynb").read_text())["cells"] if c["cell_type"] == "code")
     assert "pip install" in "".join(first_code["source"]), name
+
+
+def _notebooks():
+  return [*sorted((ROOT / "notebooks").glob("*.ipynb")), ROOT / "docs" / "getting_started.ipynb"]
+
+
+@pytest.mark.parametrize("path", _notebooks(), ids=lambda p: p.stem)
+def test_every_notebook_has_a_colab_badge_and_installs_what_it_imports(path):
+  """The first cell opens the notebook itself on Colab; the install cell uses a form that works
+  (covrl is on no package index) and names the extras the notebook imports."""
+  nbformat = pytest.importorskip("nbformat")
+  from _docs import install_problems
+
+  nbformat.validate(nbformat.read(path, as_version=4))
+  cells = __import__("json").loads(path.read_text())["cells"]
+  first = "".join(cells[0]["source"])
+  target = path.relative_to(ROOT).as_posix()
+  assert cells[0]["cell_type"] == "markdown"
+  assert ("[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]"
+          f"(https://colab.research.google.com/github/covrl/covrl/blob/main/{target})") in first
+  install = "".join(next(c for c in cells if c["cell_type"] == "code")["source"])
+  lines = [line for line in install.splitlines() if "pip install" in line]
+  assert lines and install_problems(lines) == [], lines
+  code = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+  joined = " ".join(lines)
+  named = {e for group in re.findall(r"covrl\[([\w,]+)\]", joined) for e in group.split(",")}
+  needs = set()
+  if re.search(r"covrl\.(experiments|transformer)|from covrl import transformer", code):
+    needs.add("experiments")  # which includes the transformer extra
+  if re.search(r"^\s*(import|from) tunix", code, flags=re.M):
+    needs.add("tunix")
+  assert needs <= named, (needs, named)
+  if re.search(r"^\s*import matplotlib", code, flags=re.M):
+    assert "experiments" in named or "matplotlib" in joined
