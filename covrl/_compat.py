@@ -33,7 +33,7 @@ def unsharded(x: jax.Array) -> jax.Array:
   gathered once. Under Auto axes and shard_map, arrays carry no explicit sharding and pass
   through unchanged. The target is a NamedSharding on the array's own mesh, so no mesh context
   (`jax.set_mesh`) is needed around the call: arrays put on a mesh and passed to a jitted
-  function are enough, as the README says.
+  function are enough, as the manual's guide to devices says.
   """
   sharding = getattr(jax.typeof(x), "sharding", None)
   spec = getattr(sharding, "spec", None)

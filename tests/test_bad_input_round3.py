@@ -1,8 +1,9 @@
 """Bad input, round three (issue 21): hyperparameter types, scheduled fields at their step, one
 exclusion rule for left-out tokens, token ids outside the vocabulary, the empty batch's metrics.
 
-Every expectation is read off the README's bad-input rules and the docstrings: a clear error
-naming the argument when concrete; under jit the documented finite result.
+Every expectation is read off the manual's bad-input rules (docs/guides/bad_input.md) and the
+docstrings: a clear error naming the argument when concrete; under jit the documented finite
+result.
 """
 
 import dataclasses
@@ -189,8 +190,8 @@ def test_a_left_out_token_is_out_of_every_term(name):
 
 @pytest.mark.parametrize("mode", covrl.LOSS_AGG_MODES)
 def test_an_empty_batch_reports_zero_but_its_configuration(mode):
-  """README: loss 0 and every metric 0, except `entropy_coef` (the coefficient applied) and, in
-  token-sum mode, `loss_denominator` (verl's 1, or the `denominator=` given)."""
+  """The bad-input guide: loss 0 and every metric 0, except `entropy_coef` (the coefficient
+  applied) and, in token-sum mode, `loss_denominator` (verl's 1, or the `denominator=` given)."""
   for shape, control, coef in (((0, T), covrl.EntropyBonus(0.25), 0.25),
                                ((B, 0), covrl.KLCov(), 0.0)):
     z = jnp.zeros(shape)

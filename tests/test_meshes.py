@@ -1,6 +1,7 @@
 """Every public [B, T] function under jit on an 8-device mesh of each axis type against one
-device: Explicit axes (what `jax.make_mesh` gives by default) and Auto axes, called as the README
-says (arrays put on the mesh, no mesh context) and inside `jax.set_mesh`."""
+device: Explicit axes (what `jax.make_mesh` gives by default) and Auto axes, called as the manual
+(docs/guides/devices.md) says (arrays put on the mesh, no mesh context) and inside
+`jax.set_mesh`."""
 
 import chex
 import jax
@@ -88,7 +89,7 @@ def _compare(got, want):
 @pytest.mark.parametrize("axis_type", ["Explicit", "Auto"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_sharded_equals_one_device(name, axis_type):
-  """The README's recipe as written: the arrays put on the mesh with NamedSharding, the jitted
+  """The manual's recipe as written: the arrays put on the mesh with NamedSharding, the jitted
   call on the global arrays, no `jax.set_mesh` around it."""
   args = [jnp.asarray(x) for x in batch()]
   fn = jax.jit(CASES[name])

@@ -195,7 +195,7 @@ def numpy_top_k(cov, mask, ratio):
 def test_global_selection_under_accumulation_is_the_one_batch_step(method):
   if method == "steer":
     pytest.skip("STEER's token weights scale by the largest |Omega| of each loss call: under "
-                "tunix's accumulation, of each micro-batch (README: not yet)")
+                "tunix's accumulation, of each micro-batch (the tunix guide: not yet)")
   check_one_batch_step(method, "token-mean", "token-mean")
 
 
