@@ -28,8 +28,9 @@ autosummary_generate = True
 autosummary_imported_members = True
 autodoc_member_order = "bysource"
 autodoc_typehints = "none"  # the docstrings say what each argument is
-# Members are listed per module in docs/api/*.rst; classes show their docstring (whose Attributes
-# section documents the fields) and the methods listed for them.
+# The flat public names are listed in docs/api/index.rst, and autosummary writes a page for each
+# from docs/_templates/autosummary (a class with its documented members: the docstring's Attributes
+# section documents the fields); the subpackages' pages list their members by hand.
 autodoc_default_options = {}
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
@@ -38,8 +39,16 @@ napoleon_attr_annotations = False
 napoleon_use_ivar = True
 # `name` in a docstring is code, not a cross-reference.
 default_role = "code"
-html_theme = "alabaster"
+html_theme = "sphinx_book_theme"
 html_title = f"covrl {release}"
+html_theme_options = {
+    "repository_url": "https://github.com/covrl/covrl",
+    "repository_branch": "main",
+    "path_to_docs": "docs",
+    "use_repository_button": True,
+    # The getting-started notebook opens on Colab from its page (it also has a badge).
+    "launch_buttons": {"colab_url": "https://colab.research.google.com"},
+}
 myst_heading_anchors = 3
 # The getting-started notebook (the only notebook in the manual) is executed at every build, on
 # the builder's CPU; an error in any of its cells fails the build.
