@@ -18,6 +18,7 @@ extensions = [
     "sphinx.ext.autosummary",
     "myst_nb",  # MyST markdown (the guides) and notebooks; it includes myst_parser
     "api_coverage",  # docs/_ext: every name of covrl.__all__ is in the API reference
+    "measured",  # docs/_ext: measured tables read from the benchmarks' JSON files
 ]
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 exclude_patterns = ["_build", "_ext", "**/.ipynb_checkpoints"]
