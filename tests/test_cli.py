@@ -78,3 +78,15 @@ def test_an_empirical_finding_not_reproduced_is_reported_not_failed(tmp_path, mo
   assert doc["claims"][0]["status"] == "not reproduced" and doc["passed"] is True
   assert doc["num_empirical_reproduced"] == 0
   assert "not reproduced" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize("command", [["list"], ["reproduce", "--size", "test"]])
+def test_without_the_experiments_extra_the_command_says_what_to_install(command, monkeypatch,
+                                                                        capsys):
+  """On a core-only install (flax, orbax or matplotlib missing) `covrl` names the extra and
+  exits 2, without a traceback (a missing module is simulated by a name that does not exist)."""
+  monkeypatch.setattr(cli, "EXTRA_MODULES", {**cli.EXTRA_MODULES, "covrl_no_such_module": "x"})
+  assert cli.main(command) == 2
+  err = capsys.readouterr().err
+  assert "needs the experiments extra" in err and "covrl_no_such_module" in err
+  assert "Traceback" not in err

@@ -15,6 +15,7 @@ reproduced; either is a result, not a failure.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 import time
 import traceback
@@ -96,8 +97,32 @@ def reproduce(size: str, out: str, only: str = "", groups: Sequence[str] | None 
   return 0 if doc["passed"] else 1
 
 
+# What the claims import beyond the core library, and the extra that installs it.
+EXTRA_MODULES = {"flax": "experiments", "orbax.checkpoint": "experiments",
+                 "matplotlib": "experiments"}
+
+
+def missing_extras() -> list[str]:
+  """The modules the claims need that this environment lacks (a core-only install lacks all)."""
+  missing = []
+  for name in EXTRA_MODULES:
+    try:
+      found = importlib.util.find_spec(name) is not None
+    except ModuleNotFoundError:  # the parent package (orbax) is missing
+      found = False
+    if not found:
+      missing.append(name)
+  return missing
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   args = _parser().parse_args(argv)
+  missing = missing_extras()
+  if missing:
+    print(f"covrl: `covrl {args.command}` needs the experiments extra (missing: "
+          f"{', '.join(missing)}). From a clone: pip install -e \".[experiments]\"; or: pip "
+          "install \"covrl[experiments] @ git+https://github.com/covrl/covrl\".", file=sys.stderr)
+    return 2
   if args.command == "list":
     for claim in registry.claims(args.group):
       print(f"{claim.claim_id:6s} [{claim.group}] {claim.title}")
