@@ -39,7 +39,7 @@ def test_reproduce_draws_figures(tmp_path):
   assert f"]({figure})" in (out / "report.md").read_text()
 
 
-def test_a_failing_claim_makes_the_exit_status_nonzero(tmp_path, monkeypatch):
+def test_a_failing_claim_makes_the_exit_status_nonzero(tmp_path, monkeypatch, capsys):
   def failing(size, key):
     return registry.Measurement(False, {"x": 1.0}, {"x": 0.0}, "x is 1, not 0")
 
@@ -51,6 +51,7 @@ def test_a_failing_claim_makes_the_exit_status_nonzero(tmp_path, monkeypatch):
   monkeypatch.setattr(registry, "claims", lambda groups=None: fake)
   status = cli.main(["reproduce", "--size", "test", "--out", str(tmp_path)])
   assert status == 1
+  assert "Exit 1: a theorem was not confirmed" in capsys.readouterr().out
   doc = json.loads((tmp_path / "results.json").read_text())
   assert [c["passed"] for c in doc["claims"]] == [False, False]
   assert "boom" in doc["claims"][1]["measured"]["error"]
@@ -67,13 +68,16 @@ def test_list(capsys):
   assert "T1.1" in out and "T3.6" in out and "[tabular]" in out
 
 
-def test_an_empirical_finding_not_reproduced_is_reported_not_failed(tmp_path, monkeypatch):
+def test_an_empirical_finding_not_reproduced_is_reported_not_failed(tmp_path, monkeypatch,
+                                                                    capsys):
   def differs(size, key):
     return registry.Measurement(False, {"x": 1.0}, {"x": ">= 2"}, "x is 1, the paper saw 2")
 
   fake = [registry.Claim("T4.9", "a finding", "fake", differs, kind="empirical")]
   monkeypatch.setattr(registry, "claims", lambda groups=None: fake)
   assert cli.main(["reproduce", "--size", "test", "--out", str(tmp_path)]) == 0
+  # The closing lines say why "0/1 empirical findings reproduced" still exits 0.
+  assert "Exit 0: every theorem confirmed" in capsys.readouterr().out
   doc = json.loads((tmp_path / "results.json").read_text())
   assert doc["claims"][0]["status"] == "not reproduced" and doc["passed"] is True
   assert doc["num_empirical_reproduced"] == 0

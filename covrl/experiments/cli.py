@@ -94,7 +94,18 @@ def reproduce(size: str, out: str, only: str = "", groups: Sequence[str] | None 
   doc = report.write(results, {c.claim_id: c for c in chosen}, out, size=size, seed=seed)
   print(f"\n{doc['headline']} ({time.perf_counter() - start:.1f}s); report: {out}/report.md, "
         f"{out}/results.json")
+  print(_verdict(doc))
   return 0 if doc["passed"] else 1
+
+
+def _verdict(doc: dict) -> str:
+  """The closing line: what the exit status means for this run."""
+  if doc["passed"]:
+    return ("Exit 0: every theorem confirmed and no check raised. Empirical findings (T4) and "
+            "targets (C) are results either way: 'not reproduced' and 'not met' are measurements, "
+            "with their reasons in the report, not failures.")
+  return ("Exit 1: a theorem was not confirmed or a check raised (see the table and the "
+          "report).")
 
 
 # What the claims import beyond the core library, and the extra that installs it.
