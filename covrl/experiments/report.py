@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,6 +75,9 @@ def table(results: Sequence[ClaimResult]) -> str:
   widths = [max(len(row[i]) for row in rows) for i in range(5)]
   lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
   lines.insert(1, "  ".join("-" * w for w in widths))
+  if any(cell.endswith("...") for row in rows for cell in row[1:3]):
+    lines.append("(values cut to fit the terminal: every value is in report.md and "
+                 "results.json)")
   return "\n".join(lines)
 
 
@@ -84,7 +88,8 @@ def _figure(claim: Claim, result: ClaimResult, path: str) -> str | None:
   fig = Figure(figsize=(9, 3.6), layout="constrained")
   try:
     claim.plot(result.measurement, fig)
-    fig.suptitle(f"{claim.claim_id}: {claim.title}", fontsize=9)
+    # Wrapped to the figure's width: a long title set on one line is cut at both ends.
+    fig.suptitle(textwrap.fill(f"{claim.claim_id}: {claim.title}", 110), fontsize=9)
     fig.savefig(path, dpi=90)
   except Exception as e:  # a broken figure must not lose the measurements
     return f"{type(e).__name__}: {e}"
@@ -123,7 +128,7 @@ def write(results: Sequence[ClaimResult], claims: dict[str, Claim], out_dir: str
     entry["proof"] = claim.proof
     entry["group"] = claim.group
     entry["series"] = jsonable(r.measurement.series)
-    if claim.plot is not None:
+    if claim.plot is not None and not r.not_run:
       name = f"figures/{r.claim_id}.png"
       error = _figure(claim, r, os.path.join(out_dir, name))
       if error is None:
@@ -133,9 +138,11 @@ def write(results: Sequence[ClaimResult], claims: dict[str, Claim], out_dir: str
         entry["figure_error"] = error
     entries.append(entry)
   passed = sum(r.passed for r in results)
-  theorems = [r for r in results if r.kind == "theorem"]
-  empirical = [r for r in results if r.kind == "empirical"]
-  targets = [r for r in results if r.kind == "target"]
+  not_run = [r for r in results if r.not_run]
+  ran = [r for r in results if not r.not_run]
+  theorems = [r for r in ran if r.kind == "theorem"]
+  empirical = [r for r in ran if r.kind == "empirical"]
+  targets = [r for r in ran if r.kind == "target"]
   errors = sum(bool(r.error) for r in results)
   parts = [f"{sum(r.passed for r in theorems)}/{len(theorems)} theorems confirmed"]
   if empirical:
@@ -145,6 +152,8 @@ def write(results: Sequence[ClaimResult], claims: dict[str, Claim], out_dir: str
     parts.append(f"{sum(r.passed for r in targets)}/{len(targets)} targets met")
   if errors:
     parts.append(f"{errors} checks raised")
+  if not_run:
+    parts.append(f"{len(not_run)} not run at this size (--size long)")
   headline = ", ".join(parts)
   doc = {**env, "passed": not any(r.failed for r in results), "num_passed": passed,
          "num_claims": len(results), "num_theorems": len(theorems),
@@ -152,7 +161,7 @@ def write(results: Sequence[ClaimResult], claims: dict[str, Claim], out_dir: str
          "num_empirical": len(empirical),
          "num_empirical_reproduced": sum(r.passed for r in empirical),
          "num_targets": len(targets), "num_targets_met": sum(r.passed for r in targets),
-         "num_errors": errors,
+         "num_errors": errors, "num_not_run": len(not_run),
          "headline": headline, "claims": entries}
   with open(os.path.join(out_dir, "results.json"), "w") as f:
     json.dump(jsonable(doc), f, indent=1, allow_nan=False)
@@ -184,6 +193,9 @@ def _markdown(results, entries, env, headline) -> str:
               f"{m.summary}", ""]
     if entry.get("proof"):
       lines += [f"Proof: [{entry['proof']}]({entry['proof']})", ""]
+    if r.not_run:
+      lines += [m.notes, ""]
+      continue
     if "figure" in entry:
       lines += [f"![{r.claim_id}]({entry['figure']})", ""]
     elif "figure_error" in entry:

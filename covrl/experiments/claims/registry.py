@@ -1,11 +1,20 @@
 """The claim registry: one check per claim of THEORY.md, run by tests, notebooks and the CLI.
 
 A check is a function `check(size, key) -> Measurement` registered under its claim id ("T1.2").
-It measures at one of three sizes:
+It measures at one of four sizes:
 
   "test"  seconds, for the unit tests (which assert `passed`),
-  "fast"  the CI size of `covrl reproduce --fast` (all claims together within 2 minutes),
-  "full"  the default size of `covrl reproduce` (all claims together within 15 minutes).
+  "fast"  the CI size of `covrl reproduce --fast`,
+  "full"  the default size of `covrl reproduce` (all claims together within 15 minutes on two
+          CPU cores),
+  "long"  `covrl reproduce --size long`: the default size plus the long sampled runs that only
+          measure something at their own, larger size (the covariance-regime sweep).
+
+A check is written for the sizes "test", "fast" and "full"; `Claim.sizes` maps each run size to
+the size its check receives. The default runs "long" as "full". A claim registered with
+`long_only=True` measures at "long" (its check receives "full") and at "test" (to exercise its
+code); at "fast" and "full" it is not run, and its result says so (status "not run at this
+size"), neither passing nor failing the run.
 
 The same function serves the test suite, the notebook cell that plots it, and the report, so
 nothing is computed in two places. A check returns what it measured, what the theory predicts
@@ -37,8 +46,11 @@ from typing import Any, Literal
 import jax
 import numpy as np
 
-Size = Literal["test", "fast", "full"]
-SIZES: tuple[str, ...] = ("test", "fast", "full")
+Size = Literal["test", "fast", "full", "long"]
+SIZES: tuple[str, ...] = ("test", "fast", "full", "long")
+# Run size -> the size a check receives.
+DEFAULT_SIZES: dict[str, str] = {"test": "test", "fast": "fast", "full": "full", "long": "full"}
+LONG_ONLY_SIZES: dict[str, str] = {"test": "test", "long": "full"}
 Kind = Literal["theorem", "empirical", "target"]
 KINDS: tuple[str, ...] = ("theorem", "empirical", "target")
 
@@ -75,11 +87,12 @@ class ClaimResult:
   measurement: Measurement
   kind: str = "theorem"
   error: str = ""  # set when the check raised instead of measuring
+  not_run: bool = False  # the claim measures nothing at this size (`Claim.sizes`)
 
   @property
   def passed(self) -> bool:
     """Whether the measurement confirms the claim (or reproduces the finding)."""
-    return bool(self.measurement.passed) and not self.error
+    return bool(self.measurement.passed) and not self.error and not self.not_run
 
   @property
   def failed(self) -> bool:
@@ -90,6 +103,8 @@ class ClaimResult:
   def status(self) -> str:
     if self.error:
       return "ERROR"
+    if self.not_run:
+      return "not run at this size"
     if self.kind == "empirical":
       return "reproduced" if self.passed else "not reproduced"
     if self.kind == "target":
@@ -105,6 +120,7 @@ class ClaimResult:
         "status": self.status,
         "size": self.size,
         "passed": self.passed,
+        "not_run": self.not_run,
         "seconds": round(self.seconds, 3),
         "measured": jsonable(m.measured),
         "predicted": jsonable(m.predicted),
@@ -124,12 +140,21 @@ class Claim:
   plot: Callable[[Measurement, Any], None] | None = None
   proof: str = ""
   kind: str = "theorem"
+  sizes: dict[str, str] = dataclasses.field(default_factory=lambda: dict(DEFAULT_SIZES))
 
   def run(self, size: Size = "fast", seed: int = 0) -> ClaimResult:
     if size not in SIZES:
       raise ValueError(f"size must be one of {SIZES}, got {size!r}.")
+    if size not in self.sizes:
+      measurement = Measurement(
+          False, {}, {}, f"not run at size '{size}': measured by covrl reproduce --size long "
+          "(its 'test' size only exercises the code)",
+          notes="Its sampled runs measure the claim only at their own, larger size; a smaller "
+                "run would exercise the code and say nothing about the claim.")
+      return ClaimResult(self.claim_id, self.title, size, 0.0, measurement, self.kind,
+                         not_run=True)
     start = time.perf_counter()
-    measurement = self.check(size, jax.random.key(seed))
+    measurement = self.check(self.sizes[size], jax.random.key(seed))
     return ClaimResult(self.claim_id, self.title, size, time.perf_counter() - start, measurement,
                        self.kind)
 
@@ -145,10 +170,13 @@ CLAIM_MODULES: list[str] = [
 
 
 def register(claim_id: str, title: str, *, group: str, proof: str = "",
-             plot: Callable[[Measurement, Any], None] | None = None, kind: Kind = "theorem"):
+             plot: Callable[[Measurement, Any], None] | None = None, kind: Kind = "theorem",
+             long_only: bool = False):
   """Decorator: register `check(size, key) -> Measurement` as the check of `claim_id`.
 
   `kind` is "theorem" (the default), "empirical" or "target" (see the module docstring).
+  `long_only`: the claim measures at "long" (its check receiving "full") and runs at "test";
+  at "fast" and "full" it is not run (see the module docstring).
 
   `plot(measurement, fig)`, when given, draws the claim's figure into `fig`, an empty
   matplotlib Figure (add axes with `fig.subplots(...)`); the report saves it as a PNG.
@@ -159,7 +187,8 @@ def register(claim_id: str, title: str, *, group: str, proof: str = "",
       raise ValueError(f"claim {claim_id!r} is registered twice.")
     if kind not in KINDS:
       raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")
-    _REGISTRY[claim_id] = Claim(claim_id, title, group, check, plot, proof, kind)
+    sizes = dict(LONG_ONLY_SIZES if long_only else DEFAULT_SIZES)
+    _REGISTRY[claim_id] = Claim(claim_id, title, group, check, plot, proof, kind, sizes)
     return check
 
   return wrap
