@@ -1,15 +1,17 @@
 """The `covrl` command: `covrl reproduce` runs every claim of THEORY.md and writes a report::
 
-  covrl reproduce [--fast | --size {test,fast,full}] [--out DIR] [--only IDS] [--group G]
-                  [--seed N]
+  covrl reproduce [--fast | --size {test,fast,full,long}] [--out DIR] [--only IDS]
+                  [--group G] [--seed N]
   covrl list [--group G]
 
 `reproduce` runs every registered claim (every module in
-covrl.experiments.claims.CLAIM_MODULES, so new groups join by registering), shows progress,
-prints a table (claim, measured, predicted or bound, status, seconds), writes DIR/report.md with
-figures and DIR/results.json, and exits with 1 if a theorem is not confirmed or a check raised
-(2 for bad arguments). Empirical findings (THEORY.md T4) are reported as reproduced or not
-reproduced; either is a result, not a failure.
+covrl.experiments.claims.CLAIM_MODULES, so new groups join by registering), shows progress (a
+line every 15 s while a claim runs, with the time left as expected from a recorded run:
+covrl.experiments.eta), prints a table (claim, measured, predicted or bound, status, seconds),
+writes DIR/report.md with figures and DIR/results.json, and exits with 1 if a theorem is not
+confirmed or a check raised (2 for bad arguments). Empirical findings (THEORY.md T4) are reported
+as reproduced or not reproduced; either is a result, not a failure. Claims that measure only at
+`--size long` (the covariance-regime sweep) are listed as "not run at this size" at the others.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import time
 import traceback
 from collections.abc import Sequence
 
+from covrl.experiments import eta
 from covrl.experiments.claims import registry
 
 
@@ -33,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
   sizes.add_argument("--fast", action="store_const", const="fast", dest="size",
                      help="the CI size (minutes on a laptop CPU)")
   sizes.add_argument("--size", choices=registry.SIZES, dest="size",
-                     help="test (seconds per claim), fast, or full (the default)")
+                     help="test (seconds per claim), fast, full (the default), or long (full "
+                          "plus the sampled covariance-regime sweep)")
   rep.add_argument("--out", default="covrl-report", help="report folder (default: %(default)s)")
   rep.add_argument("--only", default="",
                    help="comma-separated claim ids or prefixes, e.g. T2.3,T3 (default: all)")
@@ -82,10 +86,18 @@ def reproduce(size: str, out: str, only: str = "", groups: Sequence[str] | None 
     print("covrl: no claims selected.", file=sys.stderr)
     return 2
   print(f"covrl reproduce: {len(chosen)} claims at size '{size}', seed {seed}", flush=True)
+  timings = eta.load()
+  recorded = [eta.expected(c.claim_id, size, timings) for c in chosen]
   results, start = [], time.perf_counter()
+  spent = record = 0.0  # seconds of the finished claims with a record, and their records
   for i, claim in enumerate(chosen, 1):
     print(f"[{i}/{len(chosen)}] {claim.claim_id} {claim.title} ...", flush=True)
-    result = _run_one(claim, size, seed)
+    after = sum(t or 0.0 for t in recorded[i:])
+    pace = spent / record if record > 1.0 else 1.0
+    with eta.Heartbeat(claim.claim_id, recorded[i - 1], after=after, pace=pace):
+      result = _run_one(claim, size, seed)
+    if recorded[i - 1] is not None:
+      spent, record = spent + result.seconds, record + recorded[i - 1]
     results.append(result)
     print(f"    {result.status} in {result.seconds:.1f}s: {result.measurement.summary}",
           flush=True)
