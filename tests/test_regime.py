@@ -168,14 +168,63 @@ def test_regime_figures_draw_every_method():
   from covrl.experiments.claims.registry import Measurement
 
   rng = np.random.default_rng(0)
+  labels = list(regime.sweep_controls(60))
   rows = {k: {"kept": float(rng.uniform(0.01, 0.1)), "reward": float(rng.uniform(0, 1)),
-              "reward_ci95": 0.1, "pass_at_k": float(rng.uniform(0, 1)),
-              "dose": regime.dose(k)} for k in regime.sweep_controls(60)}
-  m = Measurement(True, {}, {}, "", series={"dose": {"rows": rows}, "rows": rows})
+              "reward_ci95": 0.6, "pass_at_k": float(rng.uniform(0, 1)), "final_entropy": 0.05,
+              "dose": regime.dose(k)} for k in labels}
+  # Two runs whose entropy exploded: far to the right, they must not set the axis.
+  for k in ("entropy@0.2", "entropy@0.5"):
+    rows[k].update(kept=1.5, final_entropy=1.9)
+  curve = {"entropy": rng.uniform(0.01, 1, (2, 8)), "reward": rng.uniform(0, 1, (2, 8))}
+  curves = {k: curve for k in ("none", "entropy@0.01", "clip_cov@0.0002", "kl_cov@1",
+                                "entropy_annealed@0.1", "clip_cov_annealed@0.01",
+                                "kl_cov_annealed@1")}
+  m = Measurement(True, {}, {}, "", series={"dose": {"rows": rows, "curves": curves},
+                                            "rows": rows, "explosion_entropy": 1.04})
   fig = Figure()
   regime_plots.plot_dose(m, fig)
-  curves = {line.get_label() for line in fig.axes[0].get_lines()}
-  assert {"entropy", "clip_cov", "kl_cov", *regime.OTHERS} <= curves
+  names = {line.get_label() for line in fig.axes[0].get_lines()}
+  # The bonus is called the bonus, not "entropy".
+  assert {"bonus", "clip_cov", "kl_cov", *regime.OTHERS} <= names and "entropy" not in names
+  # Every error bar stays inside the reward's range [0, 1].
+  for container in fig.axes[1].containers:
+    for segments in container.lines[2]:
+      ys = np.concatenate([seg[:, 1] for seg in segments.get_segments()])
+      assert ys.min() >= 0.0 and ys.max() <= 1.0
   fig = Figure()
   regime_plots.plot_frontier(m, fig)
   assert len(fig.axes[0].collections) >= len(rows)
+  assert fig.axes[0].get_xlim()[1] < 1.0  # the calm points' scale, not the exploded runs'
+  legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+  assert any("exploded" in t and "bonus@0.2" in t and "bonus@0.5" in t for t in legend)
+  drawn = []
+  for plot in (regime_plots.plot_paper_curves, regime_plots.plot_annealed_curves):
+    fig = Figure()
+    plot(m, fig)
+    drawn.append({line.get_label() for line in fig.axes[0].get_lines()})
+  # T4.3.fork and T4.5.fork draw different runs (one figure each, not one shared).
+  assert drawn[0] == {"none", "bonus@0.01", "clip_cov@0.0002", "kl_cov@1"}
+  assert drawn[1] == {"none", "bonus_annealed@0.1", "clip_cov_annealed@0.01", "kl_cov_annealed@1"}
+
+
+def test_report_titles_are_wrapped_to_the_figure(tmp_path, monkeypatch):
+  import matplotlib
+
+  matplotlib.use("Agg")
+  import matplotlib.figure
+
+  from covrl.experiments import report
+  from covrl.experiments.claims import registry
+
+  def plot(m, fig):
+    fig.subplots().plot([0, 1])
+
+  claim = registry.Claim("T0.1", "a title " * 30, "fake", lambda s, k: None, plot)
+  result = registry.ClaimResult("T0.1", claim.title, "test", 0.0,
+                                registry.Measurement(True, {}, {}, ""))
+  titles, real = [], matplotlib.figure.Figure.suptitle
+  monkeypatch.setattr(matplotlib.figure.Figure, "suptitle",
+                      lambda self, text, **kw: titles.append(text) or real(self, text, **kw))
+  assert report._figure(claim, result, str(tmp_path / "f.png")) is None
+  lines = titles[0].splitlines()
+  assert len(lines) >= 2 and max(len(line) for line in lines) <= 110

@@ -19,6 +19,16 @@ PROOFS = {
 }
 
 
+def display_label(label: str) -> str:
+  """A run's label as a figure shows it: the entropy bonus's runs (label "entropy",
+  "entropy_annealed", "entropy@0.01", from `Control.label`) are called "bonus", so that a legend
+  does not read like the entropy curve."""
+  method, at, strength = label.partition("@")
+  if method in ("entropy", "entropy_annealed"):
+    method = "bonus" + method[len("entropy"):]
+  return method + at + strength
+
+
 def proof(claim_id: str) -> str:
   """The link to a claim's proof: its theorem's file and the claim's anchor."""
   return f"{PROOFS[claim_id.split('.')[0]]}#{claim_id}"

@@ -39,9 +39,9 @@ def lab_comparison(size: str, seed: int) -> lab.Comparison:
 def _plot_curves(m: Measurement, fig) -> None:
   ax1, ax2 = fig.subplots(1, 2)
   for label, curve in m.series["entropy"].items():
-    ax1.plot(curve, label=label)
+    ax1.plot(curve, label=u.display_label(label))
   for label, curve in m.series["reward"].items():
-    ax2.plot(curve, label=label)
+    ax2.plot(curve, label=u.display_label(label))
   ax1.set_xlabel("GRPO step")
   ax1.set_ylabel("entropy (nats / token)")
   ax2.set_xlabel("GRPO step")
