@@ -155,9 +155,10 @@ class Comparison:
   Attributes:
     labels: one label per method (Control.label).
     metrics: label -> metric name -> [seeds, steps] array.
-    seconds: label -> [seeds] wall time of each run, compilation excluded.
-    compile_seconds: the first runs' times minus reruns': compiling the programs, one per
-      control family (0 for a family whose Trainer had compiled it before).
+    seconds: label -> [seeds] wall time of each run, compilation excluded (a family's first
+      run, which compiled its program, is given the median time of the family's other runs).
+    compile_seconds: the first runs' times minus that median, summed over the control families:
+      compiling the programs (about 0 for a family whose Trainer had compiled it before).
     warm_start_seconds: time of the supervised warm starts (all seeds).
     config: the run's config.
   """
@@ -278,19 +279,27 @@ def compare(
       if progress:
         print(f"{label} seed {s}: reward {float(out['reward'][-1]):.3f} entropy "
               f"{float(out['entropy'][-1]):.3f} ({seconds[label][-1]:.1f}s)", flush=True)
-  # The first run of each family compiled its program (unless it had been before): time it
-  # again.
+  # The first run of each family compiled its program (unless it had been before). Its run
+  # time is estimated by the median of the family's other runs (same program, same shapes), and
+  # the rest is compilation; a family of one run is timed again instead.
   compile_seconds = 0.0
   for t in trainers:
-    i = next((i for i, c in enumerate(chosen) if c is t), None)
-    if i is None:
+    runs = [(label, s) for label, c in zip(labels, chosen) if c is t
+            for s in range(num_seeds)]
+    if not runs:
       continue
-    first = seconds[labels[i]][0]
-    start = time.perf_counter()
-    jax.block_until_ready(t.run(t.init(seed_keys[0], warm[0], control=methods[i]),
-                                config.num_steps))
-    seconds[labels[i]][0] = time.perf_counter() - start
-    compile_seconds += max(0.0, first - seconds[labels[i]][0])
+    label0 = runs[0][0]
+    first = seconds[label0][0]
+    if len(runs) > 1:
+      run_only = float(np.median([seconds[label][s] for label, s in runs[1:]]))
+    else:
+      i = labels.index(label0)
+      start = time.perf_counter()
+      jax.block_until_ready(t.run(t.init(seed_keys[0], warm[0], control=methods[i]),
+                                  config.num_steps))
+      run_only = time.perf_counter() - start
+    seconds[label0][0] = min(first, run_only)
+    compile_seconds += max(0.0, first - run_only)
   return Comparison(
       labels,
       {label: {k: np.stack(v) for k, v in per.items()} for label, per in metrics.items()},
