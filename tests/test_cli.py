@@ -96,19 +96,20 @@ def test_without_the_experiments_extra_the_command_says_what_to_install(command,
   assert "Traceback" not in err
 
 
-def test_a_long_only_claim_is_not_run_below_long_and_runs_its_full_check_at_long(
+def test_a_claim_not_run_at_fast_and_full_runs_its_full_check_at_long(
     tmp_path, monkeypatch, capsys):
-  """A claim registered long_only measures at --size long (its check receives "full") and at
-  "test"; at "fast" and "full" it is listed as not run, neither passing nor failing the job,
-  and the headline counts it apart."""
+  """A claim registered not_at=("fast", "full") measures at --size long (its check receives
+  "full") and at "test"; at "fast" and "full" it is listed as not run, neither passing nor
+  failing the job, and the headline counts it apart."""
   seen = []
 
   def check(size, key):
     seen.append(size)
     return registry.Measurement(True, {"x": 1.0}, {"x": ">= 1"}, "x is 1")
 
-  long_claim = registry.Claim("T4.9", "long", "fake", check, kind="empirical",
-                              sizes=dict(registry.LONG_ONLY_SIZES))
+  registry.register("T4.99", "long", group="fake", kind="empirical",
+                    not_at=("fast", "full"))(check)
+  long_claim = registry._REGISTRY.pop("T4.99")
   usual = registry.Claim("T0.1", "usual", "fake", check)
   monkeypatch.setattr(registry, "claims", lambda groups=None: [usual, long_claim])
   for size in ("fast", "full"):
@@ -130,11 +131,17 @@ def test_a_long_only_claim_is_not_run_below_long_and_runs_its_full_check_at_long
   assert doc["num_not_run"] == 0 and doc["size"] == "long"
 
 
-def test_the_regime_sweep_claims_are_long_only():
-  for claim_id in ("T4.3.fork", "T4.4.fork", "T4.5.fork", "T4.6.fork"):
-    assert registry.get(claim_id).sizes == registry.LONG_ONLY_SIZES
-  others = [c for c in registry.claims() if not c.claim_id.endswith(".fork")]
-  assert all(c.sizes == registry.DEFAULT_SIZES for c in others)
+def test_which_claims_are_not_run_at_the_default_sizes():
+  """The regime sweep runs at test and long; the Sort lab's method comparison at test, fast and
+  long; every other claim at every size. A size outside fast and full cannot be left out."""
+  expect = {**{c: ("test", "long") for c in ("T4.3.fork", "T4.4.fork", "T4.5.fork",
+                                            "T4.6.fork")}, "T4.3": ("test", "fast", "long")}
+  for claim in registry.claims():
+    want = expect.get(claim.claim_id, registry.SIZES)
+    assert tuple(claim.sizes) == want, claim.claim_id
+    assert all(claim.sizes[s] == ("full" if s == "long" else s) for s in claim.sizes)
+  with pytest.raises(ValueError, match="not_at"):
+    registry.register("T0.9", "x", group="fake", not_at=("test",))
 
 
 def test_a_long_claim_prints_progress_with_its_expected_time_left(tmp_path, monkeypatch,

@@ -87,7 +87,8 @@ def reproduce(size: str, out: str, only: str = "", groups: Sequence[str] | None 
     return 2
   print(f"covrl reproduce: {len(chosen)} claims at size '{size}', seed {seed}", flush=True)
   timings = eta.load()
-  recorded = [eta.expected(c.claim_id, size, timings) for c in chosen]
+  recorded = [eta.expected(c.claim_id, size, timings) if size in c.sizes else None
+              for c in chosen]
   results, start = [], time.perf_counter()
   spent = record = 0.0  # seconds of the finished claims with a record, and their records
   for i, claim in enumerate(chosen, 1):

@@ -21,12 +21,12 @@ refuted by two seeds of a sampled one, and not proved by them either. Pass crite
 here before looking at numbers. To add a method to the frontier, add one line to
 `sweep_controls` (label "name@strength").
 
-Sizes: the four claims are registered `long_only`. `covrl reproduce --size long` runs
+Sizes: the four claims are registered `not_at=("fast", "full")`. `covrl reproduce --size long` runs
 "fork-fast" for 60 steps (4096 response tokens a step, mini-batches of 2048; the check receives
 "full"); "test" runs the "fork-test" setting (a width-16 model, a warm start of 40 steps), whose
-numbers exercise the code and say nothing about the regime. At "fast" and "full" (the default)
-they are not run: the smallest sweep that measures the regime takes longer than the whole
-default job's budget on two CPU cores, and a smaller one would only exercise the code.
+numbers exercise the code and say nothing about the regime. At "fast" and "full" (the default) they
+are not run: the smallest sweep that measures the regime takes longer than the whole default job's
+budget on two CPU cores, and a smaller one would only exercise the code.
 """
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def _regime_numbers(comp: lab.Comparison) -> dict:
 @register("T4.4.fork", "Sampled, in the covariance regime: a fixed entropy bonus leaves a "
           "final-reward gap that grows with its coefficient below the explosion threshold; "
           "annealed, the gap closes", group="regime", proof=PROOF_T2, plot=plots.plot_dose,
-          kind="empirical", long_only=True)
+          kind="empirical", not_at=("fast", "full"))
 def check_bonus_gap(size: str, key: jax.Array) -> Measurement:
   comp = _comp(size, key)
   below, above = _explosion(comp)
@@ -235,7 +235,7 @@ def check_bonus_gap(size: str, key: jax.Array) -> Measurement:
 @register("T4.5.fork", "Sampled, in the covariance regime: annealed Clip-Cov and KL-Cov end at "
           "no control's final reward or above, and keep more entropy over training",
           group="regime", proof=PROOF_T3, plot=plots.plot_annealed_curves, kind="empirical",
-          long_only=True)
+          not_at=("fast", "full"))
 def check_annealed_covariance(size: str, key: jax.Array) -> Measurement:
   comp = _comp(size, key)
   out, ok = {}, []
@@ -273,7 +273,7 @@ def _interp_bonus(rows: dict, kept: float) -> float | None:
 
 @register("T4.6.fork", "Sampled, in the covariance regime: the frontier of final reward (and "
           "pass@k) against entropy kept, every method swept over its strength", group="regime",
-          proof=PROOF_T3, plot=plots.plot_frontier, kind="empirical", long_only=True)
+          proof=PROOF_T3, plot=plots.plot_frontier, kind="empirical", not_at=("fast", "full"))
 def check_frontier(size: str, key: jax.Array) -> Measurement:
   comp = _comp(size, key)
   s = _series(comp)
@@ -317,7 +317,7 @@ def check_frontier(size: str, key: jax.Array) -> Measurement:
 
 @register("T4.3.fork", "Clip-Cov and KL-Cov keep entropy above the uncontrolled plateau, in the "
           "covariance regime (ForkCopy, thousands of tokens a mini-batch)", group="regime",
-          proof="", plot=plots.plot_paper_curves, kind="empirical", long_only=True)
+          proof="", plot=plots.plot_paper_curves, kind="empirical", not_at=("fast", "full"))
 def check_comparison_in_regime(size: str, key: jax.Array) -> Measurement:
   comp = _comp(size, key)
   paired = {k: comp.paired(v, "entropy") for k, v in PAPER.items()}
