@@ -108,3 +108,17 @@ def test_same_seed_same_measurement():
   b = registry.run("T2.4", size="test", seed=3).measurement.measured
   assert a == b
   assert np.isfinite(a["max_relative_error"])
+
+
+def test_the_t3_3_figure_draws_at_the_test_size_too():
+  """At "test" T3.3 runs only its exact check at the optimum (no runs, so no gap curves): its
+  figure says so instead of failing (notebook 03 draws it at that size in CI)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib.figure import Figure
+
+  claim = registry.get("T3.3")
+  fig = Figure()
+  claim.plot(registry.Measurement(True, {"x": 1}, {"x": 1}, "", series={}), fig)
+  assert "from the size 'fast' on" in fig.axes[0].texts[0].get_text()
