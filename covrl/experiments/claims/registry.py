@@ -1,7 +1,7 @@
 """The claim registry: one check per claim of THEORY.md, run by tests, notebooks and the CLI.
 
 A check is a function `check(size, key) -> Measurement` registered under its claim id ("T1.2").
-It measures at one of four sizes:
+It measures at one of four sizes::
 
   "test"  seconds, for the unit tests (which assert `passed`),
   "fast"  the CI size of `covrl reproduce --fast`,
