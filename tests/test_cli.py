@@ -184,9 +184,11 @@ def test_heartbeat_lines_and_the_recorded_timings(tmp_path):
   path = tmp_path / "results.json"
   path.write_text(json.dumps(report))
   out = tmp_path / "timings.json"
+  out.write_text(json.dumps({"seconds": {"full": {"T4.3.fork": 900.0, "T2.4": 1.0}}}))
   eta.record([str(path)], out)
   timings = eta.load(out)
-  assert timings == {"full": {"T1.1": 2.5}}
+  # T1.1 recorded, T4.3.fork's old time removed (not run at this size), T2.4 kept.
+  assert timings == {"full": {"T1.1": 2.5, "T2.4": 1.0}}
   assert eta.expected("T1.1", "long", timings) == 2.5  # long runs it as at full
   assert eta.expected("T1.1", "fast", timings) is None
 

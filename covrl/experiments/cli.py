@@ -10,8 +10,9 @@ line every 15 s while a claim runs, with the time left as expected from a record
 covrl.experiments.eta), prints a table (claim, measured, predicted or bound, status, seconds),
 writes DIR/report.md with figures and DIR/results.json, and exits with 1 if a theorem is not
 confirmed or a check raised (2 for bad arguments). Empirical findings (THEORY.md T4) are reported
-as reproduced or not reproduced; either is a result, not a failure. Claims that measure only at
-`--size long` (the covariance-regime sweep) are listed as "not run at this size" at the others.
+as reproduced or not reproduced; either is a result, not a failure. Claims left out of a size
+(`not_at`: the covariance-regime sweep, the Sort lab's method comparison at full) are listed as
+"not run at this size" there; `--size long` runs them all.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="the CI size (minutes on a laptop CPU)")
   sizes.add_argument("--size", choices=registry.SIZES, dest="size",
                      help="test (seconds per claim), fast, full (the default), or long (full "
-                          "plus the sampled covariance-regime sweep)")
+                          "plus the claims left out of it: the covariance-regime sweep, the "
+                          "Sort lab's method comparison)")
   rep.add_argument("--out", default="covrl-report", help="report folder (default: %(default)s)")
   rep.add_argument("--only", default="",
                    help="comma-separated claim ids or prefixes, e.g. T2.3,T3 (default: all)")

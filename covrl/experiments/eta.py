@@ -97,7 +97,8 @@ class Heartbeat:
 
 def record(paths: Sequence[str], out: pathlib.Path = TIMINGS) -> dict:
   """Write the claims' seconds from `covrl reproduce` reports (results.json) to `out`, merged
-  with what it held (a report's size replaces that size's entries it measured)."""
+  with what it held (a report replaces its size's entries for the claims it ran, and removes
+  those of the claims it lists as not run at that size)."""
   try:
     doc = json.loads(out.read_text())
   except (OSError, ValueError):
@@ -107,8 +108,12 @@ def record(paths: Sequence[str], out: pathlib.Path = TIMINGS) -> dict:
   for path in paths:
     report = json.loads(pathlib.Path(path).read_text())
     size = report["size"]
-    seconds.setdefault(size, {}).update(
-        {c["id"]: c["seconds"] for c in report["claims"] if not c.get("not_run")})
+    recorded = seconds.setdefault(size, {})
+    for claim in report["claims"]:
+      if claim.get("not_run"):  # not run at this size: no time to expect there
+        recorded.pop(claim["id"], None)
+      else:
+        recorded[claim["id"]] = claim["seconds"]
     sources[size] = (f"covrl reproduce --size {size}, covrl {report['covrl_version']}, JAX "
                      f"{report['jax_version']}, {report['backend']} x {report['device_count']}"
                      f", {report['created']}")
