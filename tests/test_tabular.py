@@ -166,6 +166,32 @@ def test_inverse_cdf_sampler_frequencies():
   assert counts[1] == 0
 
 
+def _stable_argsort_reference(bits: np.ndarray, float64: bool) -> np.ndarray:
+  """NumPy's stable argsort of the uniforms the sampled step draws (its own formula)."""
+  if float64:
+    u = bits.astype(np.float64) * 2.0**-32 + 2.0**-33
+  else:
+    u = (bits >> 8).astype(np.float32) * np.float32(2.0**-24) + np.float32(2.0**-25)
+  return np.argsort(u, axis=-1, kind="stable")
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 64, 128, 129])
+def test_shuffle_order_is_the_stable_argsort_of_the_uniforms(n):
+  rng = np.random.default_rng(n)
+  bits = rng.integers(0, 2**32, size=(6, n), dtype=np.uint32)
+  # Rows of ties: float32 keeps 24 bits, and above 1/2 rounds an odd value up to the next even
+  # one, so these rows hold many equal uniforms (ordered by index) and some near-equal ones.
+  top = np.uint32(2**31)
+  bits[3] = top + (np.arange(n, dtype=np.uint32) % 3) * np.uint32(256)
+  bits[4] = (np.arange(n, dtype=np.uint32) % 2) * np.uint32(256)
+  bits[5] = top + (np.arange(n, dtype=np.uint32)[::-1] % 4) * np.uint32(256) + np.uint32(7)
+  order = tabular.dynamics.shuffle_order(jnp.asarray(bits), jnp.float32)
+  np.testing.assert_array_equal(order, _stable_argsort_reference(bits, False))
+  with enable_x64(True):
+    order = tabular.dynamics.shuffle_order(jnp.asarray(bits), jnp.float64)
+  np.testing.assert_array_equal(order, _stable_argsort_reference(bits, True))
+
+
 @pytest.mark.float64
 def test_grpo_exact_step_is_pi_times_w():
   bandit = bandits.Bandit((0.9, 0.6, 0.2))
