@@ -11,7 +11,8 @@ from covrl.experiments.claims import registry
 
 def test_reproduce_writes_report_and_results(tmp_path, capsys):
   out = tmp_path / "report"
-  status = cli.main(["reproduce", "--size", "test", "--only", "T2.4,T1.5", "--out", str(out)])
+  status = cli.main(["reproduce", "--size", "test", "--only", "T2.4,T1.5", "--out", str(out),
+                     "--jobs", "1"])
   assert status == 0
   printed = capsys.readouterr().out
   assert "T2.4" in printed and "confirmed" in printed and "2/2 theorems confirmed" in printed

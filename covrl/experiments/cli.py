@@ -21,10 +21,9 @@ import argparse
 import importlib.util
 import sys
 import time
-import traceback
 from collections.abc import Sequence
 
-from covrl.experiments import eta
+from covrl.experiments import eta, parallel
 from covrl.experiments.claims import registry
 
 
@@ -46,9 +45,25 @@ def _parser() -> argparse.ArgumentParser:
   rep.add_argument("--group", action="append", default=None,
                    help="only claims of this group (repeatable), e.g. tabular")
   rep.add_argument("--seed", type=int, default=0, help="PRNG seed of every check")
+  rep.add_argument("--jobs", type=_jobs, default="auto",
+                   help="worker processes, each pinned to one CPU core: 'auto' (the default) "
+                        "is one per core on a CPU and 1 on an accelerator; 1 runs every claim "
+                        "in this process")
   lst = sub.add_parser("list", help="list the registered claims")
   lst.add_argument("--group", action="append", default=None)
   return parser
+
+
+def _jobs(text: str) -> int | str:
+  if text == "auto":
+    return text
+  try:
+    jobs = int(text)
+  except ValueError:
+    jobs = 0
+  if jobs < 1:
+    raise argparse.ArgumentTypeError(f"--jobs must be 'auto' or an int >= 1, got {text!r}")
+  return jobs
 
 
 def _select(claims: list[registry.Claim], only: str) -> list[registry.Claim]:
@@ -65,45 +80,31 @@ def _select(claims: list[registry.Claim], only: str) -> list[registry.Claim]:
   return chosen
 
 
-def _run_one(claim: registry.Claim, size: str, seed: int) -> registry.ClaimResult:
-  start = time.perf_counter()
-  try:
-    return claim.run(size, seed)
-  except Exception as e:  # a crashing check is a failed claim, reported with its error
-    note = f"the check raised {type(e).__name__}: {e}\n{traceback.format_exc(limit=6)}"
-    measurement = registry.Measurement(False, {"error": f"{type(e).__name__}: {e}"}, {},
-                                       f"check raised {type(e).__name__}: {e}", notes=note)
-    return registry.ClaimResult(claim.claim_id, claim.title, size,
-                                time.perf_counter() - start, measurement, claim.kind,
-                                error=f"{type(e).__name__}: {e}")
-
-
 def reproduce(size: str, out: str, only: str = "", groups: Sequence[str] | None = None,
-              seed: int = 0) -> int:
-  """Run the claims, print the table, write the report; returns the exit status."""
+              seed: int = 0, jobs: int | str = 1) -> int:
+  """Run the claims, print the table, write the report; returns the exit status.
+
+  `jobs`: worker processes, or "auto" (covrl.experiments.parallel); 1 runs in this process.
+  """
   from covrl.experiments import report
 
   chosen = _select(registry.claims(groups), only)
   if not chosen:
     print("covrl: no claims selected.", file=sys.stderr)
     return 2
-  print(f"covrl reproduce: {len(chosen)} claims at size '{size}', seed {seed}", flush=True)
   timings = eta.load()
-  recorded = [eta.expected(c.claim_id, size, timings) if size in c.sizes else None
-              for c in chosen]
-  results, start = [], time.perf_counter()
-  spent = record = 0.0  # seconds of the finished claims with a record, and their records
-  for i, claim in enumerate(chosen, 1):
-    print(f"[{i}/{len(chosen)}] {claim.claim_id} {claim.title} ...", flush=True)
-    after = sum(t or 0.0 for t in recorded[i:])
-    pace = spent / record if record > 1.0 else 1.0
-    with eta.Heartbeat(claim.claim_id, recorded[i - 1], after=after, pace=pace):
-      result = _run_one(claim, size, seed)
-    if recorded[i - 1] is not None:
-      spent, record = spent + result.seconds, record + recorded[i - 1]
-    results.append(result)
-    print(f"    {result.status} in {result.seconds:.1f}s: {result.measurement.summary}",
-          flush=True)
+  recorded = {c.claim_id: eta.expected(c.claim_id, size, timings) if size in c.sizes else None
+              for c in chosen}
+  if jobs == "auto":
+    jobs = parallel.auto_jobs(len(parallel.units(chosen, recorded)))
+  where = f", {jobs} worker processes" if jobs > 1 else ""
+  print(f"covrl reproduce: {len(chosen)} claims at size '{size}', seed {seed}{where}",
+        flush=True)
+  start = time.perf_counter()
+  if jobs > 1:
+    results = _run_parallel(chosen, size, seed, jobs, recorded)
+  else:
+    results = _run_serial(chosen, size, seed, recorded)
   print()
   print(report.table(results))
   doc = report.write(results, {c.claim_id: c for c in chosen}, out, size=size, seed=seed)
@@ -111,6 +112,56 @@ def reproduce(size: str, out: str, only: str = "", groups: Sequence[str] | None 
         f"{out}/results.json")
   print(_verdict(doc))
   return 0 if doc["passed"] else 1
+
+
+def _print_done(result: registry.ClaimResult) -> None:
+  print(f"    {result.claim_id} {result.status} in {result.seconds:.1f}s: "
+        f"{result.measurement.summary}", flush=True)
+
+
+def _run_serial(chosen, size, seed, recorded) -> list[registry.ClaimResult]:
+  results = []
+  spent = record = 0.0  # seconds of the finished claims with a record, and their records
+  for i, claim in enumerate(chosen, 1):
+    print(f"[{i}/{len(chosen)}] {claim.claim_id} {claim.title} ...", flush=True)
+    expected = recorded[claim.claim_id]
+    after = sum(recorded[c.claim_id] or 0.0 for c in chosen[i:])
+    pace = spent / record if record > 1.0 else 1.0
+    with eta.Heartbeat(claim.claim_id, expected, after=after, pace=pace):
+      result = parallel.run_one(claim, size, seed)
+    if expected is not None:
+      spent, record = spent + result.seconds, record + expected
+    results.append(result)
+    _print_done(result)
+  return results
+
+
+def _run_parallel(chosen, size, seed, jobs, recorded) -> list[registry.ClaimResult]:
+  count = [0]
+  pace = {"spent": 0.0, "record": 0.0}
+
+  def on_start(claim):
+    count[0] += 1
+    print(f"[{count[0]}/{len(chosen)}] {claim.claim_id} {claim.title} ...", flush=True)
+
+  def on_done(result):
+    if recorded.get(result.claim_id) is not None:
+      pace["spent"] += result.seconds
+      pace["record"] += recorded[result.claim_id]
+    _print_done(result)
+
+  def heartbeat(running, left):
+    rate = pace["spent"] / pace["record"] if pace["record"] > 1.0 else 1.0
+    lines = []
+    for claim_id, elapsed in running:
+      expected = recorded.get(claim_id)
+      lines.append(eta.Heartbeat(claim_id, expected, pace=rate, quiet=True).line(elapsed))
+    # The job's time left: the running claims' and the waiting ones', shared by the workers.
+    rest = left + sum(max(0.0, (recorded.get(i) or 0.0) - t) for i, t in running)
+    lines.append(f"    ... the job: about {eta.clock(rest * rate / jobs)} left")
+    print("\n".join(lines), flush=True)
+
+  return parallel.run(chosen, size, seed, jobs, recorded, on_start, on_done, heartbeat)
 
 
 def _verdict(doc: dict) -> str:
@@ -153,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for claim in registry.claims(args.group):
       print(f"{claim.claim_id:6s} [{claim.group}] {claim.title}")
     return 0
-  return reproduce(args.size or "full", args.out, args.only, args.group, args.seed)
+  return reproduce(args.size or "full", args.out, args.only, args.group, args.seed, args.jobs)
 
 
 if __name__ == "__main__":

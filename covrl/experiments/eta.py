@@ -39,7 +39,7 @@ def expected(claim_id: str, size: str, timings: dict | None = None) -> float | N
   return found
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
   seconds = max(0, round(seconds))
   return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
@@ -68,13 +68,13 @@ class Heartbeat:
 
   def line(self, elapsed: float) -> str:
     """The progress line after `elapsed` seconds."""
-    text = f"    ... {self.label}: {_clock(elapsed)}"
+    text = f"    ... {self.label}: {clock(elapsed)}"
     if self.expected is None:
       return text + " (no recorded time for it at this size)"
     left = max(0.0, self.expected * self.pace - elapsed)
-    text += f", about {_clock(left)} left" if left > 0 else ", longer than recorded"
+    text += f", about {clock(left)} left" if left > 0 else ", longer than recorded"
     if self.after:
-      text += f"; the job about {_clock(left + self.after * self.pace)} left"
+      text += f"; the job about {clock(left + self.after * self.pace)} left"
     return text
 
   def _beat(self) -> None:
@@ -109,14 +109,18 @@ def record(paths: Sequence[str], out: pathlib.Path = TIMINGS) -> dict:
     report = json.loads(pathlib.Path(path).read_text())
     size = report["size"]
     recorded = seconds.setdefault(size, {})
+    kept = set(recorded) - {claim["id"] for claim in report["claims"]}
     for claim in report["claims"]:
       if claim.get("not_run"):  # not run at this size: no time to expect there
         recorded.pop(claim["id"], None)
       else:
         recorded[claim["id"]] = claim["seconds"]
-    sources[size] = (f"covrl reproduce --size {size}, covrl {report['covrl_version']}, JAX "
-                     f"{report['jax_version']}, {report['backend']} x {report['device_count']}"
-                     f", {report['created']}")
+    source = (f"covrl reproduce --size {size}, covrl {report['covrl_version']}, JAX "
+              f"{report['jax_version']}, {report['backend']} x {report['device_count']}, "
+              f"{report['created']}")
+    if kept and sources.get(size):  # a report of some claims: the others keep their source
+      source = f"{sources[size]}; then {len(report['claims'])} of the claims from {source}"
+    sources[size] = source
   doc = {"about": "Recorded seconds per claim and size, for the ETA `covrl reproduce` prints "
                   "(covrl.experiments.eta); each size from the report named in sources.",
          "sources": sources, "seconds": seconds}
