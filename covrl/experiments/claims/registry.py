@@ -5,8 +5,8 @@ It measures at one of four sizes::
 
   "test"  seconds, for the unit tests (which assert `passed`),
   "fast"  the CI size of `covrl reproduce --fast`,
-  "full"  the default size of `covrl reproduce` (all claims together about 23 minutes on two CPU
-          cores, measured alone; the budget aimed at is 15),
+  "full"  the default size of `covrl reproduce` (all claims together about 12 minutes on two CPU
+          cores, measured alone, in two worker processes; the budget is 15),
   "long"  `covrl reproduce --size long`: the default size plus the long sampled runs that only
           measure something at their own, larger size (the covariance-regime sweep).
 
