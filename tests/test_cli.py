@@ -185,11 +185,15 @@ def test_heartbeat_lines_and_the_recorded_timings(tmp_path):
   path = tmp_path / "results.json"
   path.write_text(json.dumps(report))
   out = tmp_path / "timings.json"
-  out.write_text(json.dumps({"seconds": {"full": {"T4.3.fork": 900.0, "T2.4": 1.0}}}))
+  out.write_text(json.dumps({"seconds": {"full": {"T4.3.fork": 900.0, "T2.4": 1.0}},
+                             "sources": {"full": "an older run"}}))
   eta.record([str(path)], out)
   timings = eta.load(out)
   # T1.1 recorded, T4.3.fork's old time removed (not run at this size), T2.4 kept.
   assert timings == {"full": {"T1.1": 2.5, "T2.4": 1.0}}
+  # T2.4's time still comes from the older run, and the source says so.
+  source = json.loads(out.read_text())["sources"]["full"]
+  assert source.startswith("an older run; then 2 of the claims from covrl reproduce --size full")
   assert eta.expected("T1.1", "long", timings) == 2.5  # long runs it as at full
   assert eta.expected("T1.1", "fast", timings) is None
 
