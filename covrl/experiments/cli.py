@@ -158,7 +158,8 @@ def _run_parallel(chosen, size, seed, jobs, recorded) -> list[registry.ClaimResu
       lines.append(eta.Heartbeat(claim_id, expected, pace=rate, quiet=True).line(elapsed))
     # The job's time left: the running claims' and the waiting ones', shared by the workers.
     rest = left + sum(max(0.0, (recorded.get(i) or 0.0) - t) for i, t in running)
-    lines.append(f"    ... the job: about {eta.clock(rest * rate / jobs)} left")
+    if left or any(recorded.get(i) for i, _ in running):  # some record to go by
+      lines.append(f"    ... the job: about {eta.clock(rest * rate / jobs)} left")
     print("\n".join(lines), flush=True)
 
   return parallel.run(chosen, size, seed, jobs, recorded, on_start, on_done, heartbeat)
