@@ -120,38 +120,32 @@ def _print_done(result: registry.ClaimResult) -> None:
 
 
 def _run_serial(chosen, size, seed, recorded) -> list[registry.ClaimResult]:
-  results = []
-  spent = record = 0.0  # seconds of the finished claims with a record, and their records
+  results, pace = [], eta.Pace()
   for i, claim in enumerate(chosen, 1):
     print(f"[{i}/{len(chosen)}] {claim.claim_id} {claim.title} ...", flush=True)
     expected = recorded[claim.claim_id]
     after = sum(recorded[c.claim_id] or 0.0 for c in chosen[i:])
-    pace = spent / record if record > 1.0 else 1.0
-    with eta.Heartbeat(claim.claim_id, expected, after=after, pace=pace):
+    with eta.Heartbeat(claim.claim_id, expected, after=after, pace=pace.rate):
       result = parallel.run_one(claim, size, seed)
-    if expected is not None:
-      spent, record = spent + result.seconds, record + expected
+    pace.add(result.seconds, expected)
     results.append(result)
     _print_done(result)
   return results
 
 
 def _run_parallel(chosen, size, seed, jobs, recorded) -> list[registry.ClaimResult]:
-  count = [0]
-  pace = {"spent": 0.0, "record": 0.0}
+  count, pace = [0], eta.Pace()
 
   def on_start(claim):
     count[0] += 1
     print(f"[{count[0]}/{len(chosen)}] {claim.claim_id} {claim.title} ...", flush=True)
 
   def on_done(result):
-    if recorded.get(result.claim_id) is not None:
-      pace["spent"] += result.seconds
-      pace["record"] += recorded[result.claim_id]
+    pace.add(result.seconds, recorded.get(result.claim_id))
     _print_done(result)
 
   def heartbeat(running, left):
-    rate = pace["spent"] / pace["record"] if pace["record"] > 1.0 else 1.0
+    rate = pace.rate
     lines = []
     for claim_id, elapsed in running:
       expected = recorded.get(claim_id)

@@ -44,6 +44,22 @@ def clock(seconds: float) -> str:
   return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
+class Pace:
+  """How the run compares with the record: observed / recorded seconds of the finished claims
+  that have a record (1.0 until they add up to a second)."""
+
+  def __init__(self):
+    self.spent = self.recorded = 0.0
+
+  def add(self, seconds: float, recorded: float | None) -> None:
+    if recorded is not None:
+      self.spent, self.recorded = self.spent + seconds, self.recorded + recorded
+
+  @property
+  def rate(self) -> float:
+    return self.spent / self.recorded if self.recorded > 1.0 else 1.0
+
+
 class Heartbeat:
   """Prints `label: 45s, about 2m05s left` every `interval` seconds while a block runs.
 
