@@ -138,23 +138,33 @@ def run(claims: Sequence[registry.Claim], size: str, seed: int, jobs: int,
   running: dict[str, tuple[float, int]] = {}  # claim id -> (start time, worker pid)
   started: set[str] = set()
   last = time.perf_counter()
+
+  def handle(event) -> None:
+    kind, claim_id, payload = event
+    if kind == "start":
+      running[claim_id] = (time.perf_counter(), payload)
+      started.add(claim_id)
+      on_start(by_id[claim_id])
+    else:  # "done"
+      running.pop(claim_id, None)
+      results[claim_id] = payload
+      on_done(payload)
+
   try:
     while len(results) < len(claims):
       try:
-        kind, claim_id, payload = events.get(timeout=1.0)
+        handle(events.get(timeout=1.0))
       except queue.Empty:
-        kind = None
-      if kind == "start":
-        running[claim_id] = (time.perf_counter(), payload)
-        started.add(claim_id)
-        on_start(by_id[claim_id])
-      elif kind == "done":
-        running.pop(claim_id, None)
-        results[claim_id] = payload
-        on_done(payload)
+        # What a worker sent before it ended is read first: only then is it known what it left.
+        if any(w.exitcode not in (None, 0) for w in workers) or not any(
+            w.is_alive() for w in workers):
+          while True:
+            try:
+              handle(events.get(timeout=0.1))
+            except queue.Empty:
+              break
+          _fail_dead_workers(workers, running, plan, started, results, size, on_done)
       now = time.perf_counter()
-      if kind is None:
-        _fail_dead_workers(workers, running, plan, started, results, size, on_done)
       if now - last >= interval and running:
         last = now
         left = sum(recorded.get(c.claim_id) or 0.0 for c in claims if c.claim_id not in started)
